@@ -1,0 +1,38 @@
+# make test   — install what the tests need (CPU torch wheel, triton, pytest), build the C++ backend, run pytest
+# make bench  — install the benchmark extras and run the main benchmark on the local device
+# make lint   — ruff
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+STAMPS := .make
+
+.PHONY: test bench bench-pytest lint clean
+
+# Keep an already-installed torch (e.g. a CUDA build on a GPU machine); otherwise take the pinned CPU
+# wheel: an unpinned `torch` would pull several GB of CUDA packages.
+$(STAMPS)/torch:
+	@mkdir -p $(STAMPS)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
+	$(PIP) install "setuptools>=64" wheel ninja
+	@touch $@
+
+# --no-build-isolation: the C++ extension compiles against the torch installed above.
+$(STAMPS)/install-%: $(STAMPS)/torch setup.py pyproject.toml $(wildcard csrc/*.cpp)
+	$(PIP) install --no-build-isolation -e ".[$*]"
+	@touch $@
+
+test: $(STAMPS)/install-test
+	$(PYTHON) -c "import epa_kernels; print(epa_kernels.backends())"
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMPS)/install-bench
+	$(PYTHON) -m benchmarks.run $(BENCH_ARGS)
+
+lint:
+	$(PIP) install -q ruff
+	$(PYTHON) -m ruff check epa_kernels tests benchmarks setup.py
+
+clean:
+	rm -rf $(STAMPS) build *.egg-info epa_kernels/*.so

@@ -1,0 +1,258 @@
+"""Benchmark harness: implementations, timing, peak memory above inputs, correctness gate (DESIGN §6).
+
+Time: median over repeats after warm-up; CUDA events on GPU, perf_counter on CPU. Memory: on CUDA,
+the allocator's peak above what was allocated before the pass; on CPU, the process's peak resident
+set above the resident set before the pass, measured in a fresh subprocess whose glibc returns large
+blocks to the OS (MALLOC_MMAP_THRESHOLD_), so memory freed by one pass cannot hide the next one's.
+Every implementation's log-probs and gradients are compared with the reference first: a wrong result
+is reported as wrong, not timed as fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+import epa_kernels
+from epa_kernels import reference
+
+
+@dataclass(frozen=True)
+class Case:
+    """A log-prob benchmark case: S sequences of N/S tokens, hidden D, vocab V."""
+
+    tokens: int
+    hidden: int
+    vocab: int
+    dtype: str = "float32"
+    seqs: int = 8
+
+    @property
+    def torch_dtype(self):
+        return getattr(torch, self.dtype)
+
+    @property
+    def flops(self) -> float:
+        """Effective FLOPs of a full pass, counted as 8·N·D·V (forward GEMM + two backward GEMMs + recompute)."""
+        return 8.0 * self.tokens * self.hidden * self.vocab
+
+    def inputs(self, device, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        hidden = torch.randn(self.tokens, self.hidden, generator=gen).to(device, self.torch_dtype)
+        weight = (torch.randn(self.vocab, self.hidden, generator=gen) / self.hidden**0.5).to(device, self.torch_dtype)
+        targets = torch.randint(0, self.vocab, (self.tokens,), generator=gen).to(device)
+        step = self.tokens // self.seqs
+        cu_seqlens = torch.tensor([i * step for i in range(self.seqs)] + [self.tokens], device=device)
+        upstream = torch.randn(self.seqs, generator=gen).to(device)
+        return hidden.requires_grad_(), weight.requires_grad_(), targets, cu_seqlens, upstream
+
+
+def implementations(device: torch.device) -> dict[str, Callable | str]:
+    """name → fn(hidden, weight, targets, cu_seqlens) → per-sequence log-probs, or a reason it is skipped."""
+    impls: dict[str, Callable | str] = {
+        "reference": lambda h, w, t, cu: reference.linear_logprobs(h, w, t, cu_seqlens=cu),
+    }
+    for name, info in epa_kernels.backends().items():
+        usable = info.available and not (
+            (name == "triton" and device.type != "cuda") or (name == "native" and device.type != "cpu")
+        )
+        if usable:
+            impls[name] = lambda h, w, t, cu, name=name: epa_kernels.linear_logprobs(h, w, t, cu_seqlens=cu, backend=name)
+        else:
+            impls[name] = f"skipped: {info.detail if not info.available else 'not for ' + device.type + ' tensors'}"
+    return impls
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def full_pass(fn, hidden, weight, targets, cu_seqlens, upstream):
+    logps = fn(hidden, weight, targets, cu_seqlens)
+    grads = torch.autograd.grad(logps, (hidden, weight), grad_outputs=upstream)
+    return logps, grads
+
+
+def time_pass(fn, inputs, device, *, warmup: int, repeats: int) -> dict[str, float]:
+    """Median forward / backward / full times in milliseconds."""
+    hidden, weight, targets, cu_seqlens, upstream = inputs
+    fwd, bwd = [], []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            start, mid, stop = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            start.record()
+            logps = fn(hidden, weight, targets, cu_seqlens)
+            mid.record()
+            torch.autograd.grad(logps, (hidden, weight), grad_outputs=upstream)
+            stop.record()
+            torch.cuda.synchronize()
+            times = (start.elapsed_time(mid), mid.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            logps = fn(hidden, weight, targets, cu_seqlens)
+            t1 = time.perf_counter()
+            torch.autograd.grad(logps, (hidden, weight), grad_outputs=upstream)
+            t2 = time.perf_counter()
+            times = ((t1 - t0) * 1e3, (t2 - t1) * 1e3)
+        if i >= warmup:
+            fwd.append(times[0])
+            bwd.append(times[1])
+        del logps
+    full = [f + b for f, b in zip(fwd, bwd)]
+    return {"forward_ms": statistics.median(fwd), "backward_ms": statistics.median(bwd),
+            "full_ms": statistics.median(full)}
+
+
+def _proc_status() -> dict[str, int]:
+    values = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(("VmHWM", "VmRSS")):
+                key, value = line.split(":")
+                values[key] = int(value.split()[0]) * 1024
+    return values
+
+
+def measure_peak_memory_here(name: str, case: Case, device: torch.device) -> int:
+    """Peak bytes above the inputs during one full pass, measured in this process."""
+    inputs = case.inputs(device)
+    fn = implementations(device)[name]
+    full_pass(fn, *inputs)  # warm-up: lazy initialisation is not the pass's memory
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        result = full_pass(fn, *inputs)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = _proc_status()["VmRSS"]
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # resets the peak resident set (VmHWM) to the current one
+        result = full_pass(fn, *inputs)
+        peak = _proc_status()["VmHWM"] - base
+    del result
+    return peak
+
+
+def measure_peak_memory(name: str, case: Case, device: torch.device) -> int | None:
+    """On CPU in a fresh subprocess (see the module docstring); on CUDA in this process."""
+    if device.type == "cuda":
+        return measure_peak_memory_here(name, case, device)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, "-m", "benchmarks.harness", name, json.dumps(asdict(case)), str(device)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(f"memory measurement of {name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def max_rel_error(got, expected) -> float:
+    got, expected = got.detach().double(), expected.detach().double()
+    return ((got - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+
+
+# Relative L2 error, per compute dtype, above which a result counts as wrong.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
+
+
+@dataclass
+class Result:
+    impl: str
+    case: dict
+    status: str  # "ok", "wrong: …", "skipped: …", "failed: …"
+    forward_ms: float | None = None
+    backward_ms: float | None = None
+    full_ms: float | None = None
+    peak_bytes: int | None = None
+    tflops: float | None = None
+    error: float | None = None
+    ratios: dict = field(default_factory=dict)
+
+
+def run_case(case: Case, device: torch.device, names, *, warmup: int, repeats: int, memory: bool = True,
+             progress=print) -> list[Result]:
+    """Check, time and measure each implementation on one case; ratios are against the reference."""
+    impls = implementations(device)
+    inputs = case.inputs(device)
+    expected = None
+    results = []
+    for name in names:
+        impl = impls.get(name, f"skipped: unknown implementation {name!r}")
+        if isinstance(impl, str):
+            progress(f"  {name}: {impl}")
+            results.append(Result(name, asdict(case), impl))
+            continue
+        progress(f"  {name}: checking, timing{' and measuring memory' if memory else ''} …")
+        try:
+            logps, grads = full_pass(impl, *inputs)
+            if expected is None:  # the first implementation run is the reference
+                expected = (logps, *grads)
+            error = max(max_rel_error(a, b) for a, b in zip((logps, *grads), expected))
+            del logps, grads
+            if error > TOLERANCE[case.dtype]:
+                results.append(Result(name, asdict(case), f"wrong: relative error {error:.2e}", error=error))
+                continue
+            timing = time_pass(impl, inputs, device, warmup=warmup, repeats=repeats)
+        except Exception as exc:  # a broken implementation is reported, the run goes on
+            results.append(Result(name, asdict(case), f"failed: {type(exc).__name__}: {exc}"))
+            continue
+        peak = measure_peak_memory(name, case, device) if memory else None
+        tflops = case.flops / (timing["full_ms"] * 1e-3) / 1e12
+        results.append(Result(name, asdict(case), "ok", peak_bytes=peak, tflops=tflops, error=error, **timing))
+    base = next((r for r in results if r.impl == "reference" and r.status == "ok"), None)
+    for r in results:
+        if base is not None and r.status == "ok":
+            r.ratios = {"time": r.full_ms / base.full_ms}
+            if r.peak_bytes and base.peak_bytes:
+                r.ratios["memory"] = r.peak_bytes / base.peak_bytes
+    return results
+
+
+def environment(device: torch.device) -> dict:
+    """Device, versions, date and commit: what a recorded result needs to be compared later."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as cpuinfo:
+                name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"{name} ({torch.get_num_threads()} threads)"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "epa_kernels": epa_kernels.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "commit": commit,
+    }
+
+
+if __name__ == "__main__":  # worker for measure_peak_memory: name, case json, device
+    impl_name, case_json, device_name = sys.argv[1:4]
+    print(measure_peak_memory_here(impl_name, Case(**json.loads(case_json)), torch.device(device_name)))
