@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 # Bytes of fp32 logits one chunk may hold; the chunk shrinks with V so memory stays bounded.
-CHUNK_BYTES = 16 * 1024 * 1024
+CHUNK_BYTES = 8 * 1024 * 1024
 
 
 def _chunk_size(num_tokens: int, vocab: int) -> int:
@@ -34,15 +34,15 @@ def _chunk_size(num_tokens: int, vocab: int) -> int:
 
 
 def _logits(h, weight, bias, temperature, softcap):
-    """fp32 logits z [m, V] of one chunk of hidden states h [m, D]."""
-    a = torch.mm(h, weight.t())
+    """fp32 logits z [m, V] of one chunk of hidden states h [m, D], transformed in place (one buffer)."""
+    z = torch.mm(h, weight.t())
     if bias is not None:
-        a = a + bias
-    z = a.float()
+        z.add_(bias)
+    z = z.float()
     if temperature != 1.0:
-        z = z / temperature
+        z.div_(temperature)
     if softcap is not None:
-        z = torch.tanh(z / softcap) * softcap
+        z.div_(softcap).tanh_().mul_(softcap)
     return z
 
 
@@ -87,21 +87,25 @@ def backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c=None, *,
         stop = min(start + step, num_tokens)
         h = hidden[start:stop]
         z = _logits(h, weight, bias, temperature, softcap)
-        coef = coef_b[start:stop, None]
-        if coef_c is not None:
-            coef = coef + coef_c[start:stop, None] * z
-        dz = torch.exp(z - lse[start:stop, None]).mul_(coef)
+        dz = z.sub(lse[start:stop, None]).exp_()  # p; at most two [chunk, V] buffers are live
+        if coef_c is None:
+            dz.mul_(coef_b[start:stop, None])
+        else:
+            dz.mul_(torch.addcmul(coef_b[start:stop, None], coef_c[start:stop, None], z))
         dz[rows[: stop - start], targets[start:stop]] += coef_a[start:stop]
         if softcap is not None:
-            dz.mul_(1.0 - (z / softcap).square_())
+            dz.mul_(z.div_(softcap).square_().neg_().add_(1.0))
         if temperature != 1.0:
             dz.div_(temperature)
         del z
         da = dz.to(hidden.dtype)
         if need_hidden:
-            d_hidden[start:stop] = torch.mm(da, weight)
+            torch.mm(da, weight, out=d_hidden[start:stop])
         if need_weight:
-            d_weight.add_(torch.mm(da.t(), h).float())
+            if da.dtype == torch.float32:
+                d_weight.addmm_(da.t(), h)
+            else:
+                d_weight.add_(torch.mm(da.t(), h))
         if need_bias:
             d_bias.add_(dz.sum(0))
     if d_weight is not None:

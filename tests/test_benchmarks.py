@@ -1,0 +1,35 @@
+"""The benchmark harness itself: a tiny case end to end, output files, wrong results flagged."""
+import json
+
+import torch
+
+from benchmarks import harness, run
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    results = run.main(["--device", "cpu", "--tokens", "64", "--hidden", "16", "--vocab", "300", "--repeats", "2",
+                        "--warmup", "1", "--impls", "reference", "torch", "native", "triton", "--out", str(tmp_path)])
+    by_impl = {r.impl: r for r in results}
+    assert by_impl["reference"].status == "ok" and by_impl["reference"].ratios["time"] == 1.0
+    assert by_impl["reference"].peak_bytes >= 64 * 300 * 4  # its logits, at least
+    assert by_impl["torch"].status == "ok" and by_impl["torch"].full_ms > 0 and by_impl["torch"].peak_bytes is not None
+    assert by_impl["triton"].status.startswith("skipped")  # CPU tensors: no timing of the interpreter
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert {"device", "torch", "date", "commit"} <= set(saved["environment"])
+    assert len(saved["results"]) == 4
+    assert "| torch |" in (tmp_path / "results.md").read_text()
+
+
+def test_wrong_implementation_is_reported_as_wrong(monkeypatch):
+    real = harness.implementations
+
+    def with_a_wrong_one(device):
+        impls = real(device)
+        impls["wrong"] = lambda h, w, t, cu: impls["reference"](h, w, t, cu) * 1.01
+        return impls
+
+    monkeypatch.setattr(harness, "implementations", with_a_wrong_one)
+    case = harness.Case(tokens=32, hidden=8, vocab=100, seqs=2)
+    results = harness.run_case(case, torch.device("cpu"), ["reference", "wrong"], warmup=0, repeats=1, memory=False,
+                               progress=lambda _: None)
+    assert results[1].status.startswith("wrong") and results[1].full_ms is None
