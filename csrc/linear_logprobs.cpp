@@ -1,0 +1,364 @@
+// Native CPU backend of the fused LM-head log-prob op (kernel contract: epa_kernels/ops/torch_logprobs.py).
+//
+// Blocked algorithm: the vocabulary is walked in tiles (outer loop) and the tokens in blocks (inner loop).
+// Each [tokens x vocab] tile of fp32 logits is produced by one ATen GEMM into a small reusable workspace,
+// then consumed by one fused vectorised pass over its rows:
+//   forward:  online logsumexp across vocab tiles (running max, rescaled sum of e^{z-m}, the target logit
+//             and, for entropy, the rescaled sum of e^{z-m}·z);
+//   backward: dz = p·(b + c·z) + a·onehot chained through softcap and temperature, written in place, and
+//             then fed to the GEMMs d_hidden[t0:t1] += dz·W[v0:v1] and d_weight[v0:v1] += dzᵀ·h[t0:t1].
+// Logits therefore never exist beyond one tile, so the extra memory is the tile plus fp32 staging copies
+// for reduced-precision inputs. Vocab-outer order lets a reduced-precision weight tile be upcast once and
+// lets d_weight[v0:v1] be finished (and downcast) while it is hot.
+
+// The extension is built with -march=native but without ATen's per-kernel CPU_CAPABILITY defines, which would
+// leave at::vec::Vectorized on its scalar fallback. Selecting the matching ISA here gives real SIMD and the
+// Sleef exp/tanh (1-ulp) that libtorch_cpu exports.
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2
+#endif
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// fp32 logits one tile may hold (8 MiB). Measured on 2 cores at M=4096, D=512: 4096 x 512 tiles run the GEMMs
+// as fast as 16 MiB tiles and as fast as one whole-matrix GEMM, while staying small next to the gradients.
+constexpr int64_t kTileElems = 2 * 1024 * 1024;
+constexpr int64_t kMaxTokenBlock = 4096;
+
+struct Tiling {
+  int64_t tokens;  // rows per token block
+  int64_t vocab;   // columns per vocab tile
+};
+
+Tiling choose_tiling(int64_t num_tokens, int64_t vocab) {
+  const int64_t tokens = std::max<int64_t>(1, std::min(num_tokens, kMaxTokenBlock));
+  int64_t cols = std::max<int64_t>(1, kTileElems / tokens);
+  // Whole SIMD vectors per row except in the last tile.
+  if (cols >= 64) cols -= cols % 64;
+  return {tokens, std::min(vocab, cols)};
+}
+
+// Logit transform a -> z: bias, temperature, softcap (c·tanh(u/c)). Its options are runtime values but
+// loop-invariant, so the branches are perfectly predicted and cost nothing next to exp.
+struct Transform {
+  const float* bias;  // fp32 bias of this vocab tile, or nullptr
+  float inv_temp;
+  float softcap;      // 0: none
+  float inv_softcap;
+
+  Vec apply(Vec x, int64_t col) const {
+    if (bias) x = x + Vec::loadu(bias + col);
+    if (inv_temp != 1.0f) x = x * Vec(inv_temp);
+    if (softcap != 0.0f) x = (x * Vec(inv_softcap)).tanh() * Vec(softcap);
+    return x;
+  }
+  Vec apply(Vec x, int64_t col, int64_t count) const {
+    if (bias) x = x + Vec::loadu(bias + col, count);
+    if (inv_temp != 1.0f) x = x * Vec(inv_temp);
+    if (softcap != 0.0f) x = (x * Vec(inv_softcap)).tanh() * Vec(softcap);
+    return x;
+  }
+  float apply(float x, int64_t col) const {
+    if (bias) x += bias[col];
+    if (inv_temp != 1.0f) x *= inv_temp;
+    if (softcap != 0.0f) x = std::tanh(x * inv_softcap) * softcap;
+    return x;
+  }
+  // dz/da for the logit z (post-transform).
+  Vec chain(Vec z) const {
+    Vec g(inv_temp);
+    if (softcap != 0.0f) {
+      const Vec r = z * Vec(inv_softcap);
+      g = g * (Vec(1.0f) - r * r);
+    }
+    return g;
+  }
+  float chain(float z) const {
+    float g = inv_temp;
+    if (softcap != 0.0f) {
+      const float r = z * inv_softcap;
+      g *= 1.0f - r * r;
+    }
+    return g;
+  }
+};
+
+Transform make_transform(const float* bias, double temperature, double softcap) {
+  return {bias, static_cast<float>(1.0 / temperature), static_cast<float>(softcap),
+          softcap != 0.0 ? static_cast<float>(1.0 / softcap) : 0.0f};
+}
+
+// Running per-token state of the online logsumexp over vocab tiles.
+struct OnlineState {
+  float* max;
+  float* sum;     // Σ e^{z - max}
+  float* zsum;    // Σ e^{z - max}·z (entropy only), or nullptr
+  float* target;  // z[y]
+};
+
+// Folds one row of raw logits (columns [v0, v0+n)) into the state of its token. The row is 4-16 KiB, so the
+// transform+max sweep and the exp sweep both run from L1; the transformed z is stored back for the second.
+inline void forward_row(float* row, int64_t n, int64_t v0, int64_t y, const Transform& tf, OnlineState st,
+                        int64_t t) {
+  constexpr int64_t W = Vec::size();
+  const int64_t full = n - n % W;
+  Vec vmax(kNegInf);
+  for (int64_t j = 0; j < full; j += W) {
+    const Vec z = tf.apply(Vec::loadu(row + j), j);
+    z.store(row + j);
+    vmax = at::vec::maximum(vmax, z);
+  }
+  if (full < n) {
+    const int64_t rem = n - full;
+    const Vec z = tf.apply(Vec::loadu(row + full, rem), full, rem);
+    z.store(row + full, rem);
+    vmax = at::vec::maximum(vmax, Vec::set(Vec(kNegInf), z, rem));
+  }
+  const float tile_max = vmax.reduce_max();
+  const float old_max = st.max[t];
+  const float new_max = std::max(old_max, tile_max);
+  // All logits so far -inf: keep the shift finite-free so exp(-inf - -inf) never yields NaN.
+  const float shift = new_max == kNegInf ? 0.0f : new_max;
+  const Vec vshift(shift);
+  Vec vsum(0.0f), vzsum(0.0f);
+  const bool entropy = st.zsum != nullptr;
+  for (int64_t j = 0; j < full; j += W) {
+    const Vec z = Vec::loadu(row + j);
+    const Vec e = (z - vshift).exp();
+    vsum = vsum + e;
+    if (entropy) vzsum = at::vec::fmadd(e, z, vzsum);
+  }
+  if (full < n) {
+    const int64_t rem = n - full;
+    const Vec z = Vec::loadu(row + full, rem);
+    const Vec e = Vec::set(Vec(0.0f), (z - vshift).exp(), rem);
+    vsum = vsum + e;
+    if (entropy) vzsum = vzsum + Vec::set(Vec(0.0f), e * z, rem);
+  }
+  const float scale = old_max == kNegInf ? 0.0f : std::exp(old_max - shift);
+  st.sum[t] = st.sum[t] * scale + vsum.reduce_add();
+  if (entropy) st.zsum[t] = st.zsum[t] * scale + vzsum.reduce_add();
+  st.max[t] = new_max;
+  if (y >= v0 && y < v0 + n) st.target[t] = row[y - v0];
+}
+
+// Overwrites one row of raw logits with d loss / d raw logit for token t.
+inline void backward_row(float* row, int64_t n, int64_t v0, int64_t y, const Transform& tf, float lse,
+                         float a, float b, const float* c) {
+  constexpr int64_t W = Vec::size();
+  const int64_t full = n - n % W;
+  const bool on_target = y >= v0 && y < v0 + n;
+  const float raw_target = on_target ? row[y - v0] : 0.0f;
+  const Vec vlse(lse), vb(b);
+  const bool trivial_chain = tf.inv_temp == 1.0f && tf.softcap == 0.0f;
+  auto grad = [&](Vec z) {
+    const Vec p = (z - vlse).exp();
+    Vec dz = c ? p * at::vec::fmadd(Vec(*c), z, vb) : p * vb;
+    return trivial_chain ? dz : dz * tf.chain(z);
+  };
+  for (int64_t j = 0; j < full; j += W) grad(tf.apply(Vec::loadu(row + j), j)).store(row + j);
+  if (full < n) {
+    const int64_t rem = n - full;
+    grad(tf.apply(Vec::loadu(row + full, rem), full, rem)).store(row + full, rem);
+  }
+  if (on_target) row[y - v0] += a * tf.chain(tf.apply(raw_target, y - v0));
+}
+
+// Contiguous [rows, cols] view of the first rows·cols elements of the workspace.
+at::Tensor tile_view(const at::Tensor& ws, int64_t rows, int64_t cols) {
+  return ws.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+at::Tensor as_fp32(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+}
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                  const at::Tensor& targets) {
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(), "native backend: CPU tensors only");
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "native backend: hidden [M, D] and weight [V, D] expected");
+  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous(), "native backend: contiguous inputs expected");
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "native backend: hidden/weight dtype mismatch");
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.numel() == hidden.size(0),
+              "native backend: targets [M] int64 expected");
+  if (bias) TORCH_CHECK(bias->numel() == weight.size(0), "native backend: bias [V] expected");
+}
+
+std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> forward(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double temperature, double softcap, bool with_entropy) {
+  at::NoGradGuard no_grad;  // out= GEMMs refuse inputs that require grad while grad mode is on
+  check_inputs(hidden, weight, bias, targets);
+  const int64_t M = hidden.size(0), V = weight.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({M}, f32), lse = at::empty({M}, f32);
+  c10::optional<at::Tensor> ez;
+  if (with_entropy) ez = at::empty({M}, f32);
+  if (M == 0) return {logp, lse, ez};
+
+  const at::Tensor h32 = as_fp32(hidden);  // upcast once; the GEMMs run in fp32 so the logits are fp32
+  const at::Tensor targets_c = targets.contiguous();
+  const at::Tensor bias32 = bias ? as_fp32(bias->contiguous()) : at::Tensor();
+  at::Tensor run_max = at::full({M}, kNegInf, f32), run_sum = at::zeros({M}, f32);
+  at::Tensor run_zsum = with_entropy ? at::zeros({M}, f32) : at::Tensor();
+  const Tiling tiling = choose_tiling(M, V);
+  at::Tensor ws = at::empty({tiling.tokens * tiling.vocab}, f32);
+
+  const int64_t* y = targets_c.data_ptr<int64_t>();
+  OnlineState st{run_max.data_ptr<float>(), run_sum.data_ptr<float>(),
+                 with_entropy ? run_zsum.data_ptr<float>() : nullptr, logp.data_ptr<float>()};
+
+  for (int64_t v0 = 0; v0 < V; v0 += tiling.vocab) {
+    const int64_t nv = std::min(tiling.vocab, V - v0);
+    const at::Tensor w32 = as_fp32(weight.narrow(0, v0, nv));
+    const Transform tf = make_transform(bias ? bias32.data_ptr<float>() + v0 : nullptr, temperature, softcap);
+    for (int64_t t0 = 0; t0 < M; t0 += tiling.tokens) {
+      const int64_t nt = std::min(tiling.tokens, M - t0);
+      at::Tensor tile = tile_view(ws, nt, nv);
+      at::mm_out(tile, h32.narrow(0, t0, nt), w32.t());
+      float* base = tile.data_ptr<float>();
+      at::parallel_for(0, nt, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) forward_row(base + r * nv, nv, v0, y[t0 + r], tf, st, t0 + r);
+      });
+    }
+  }
+
+  // lse = max + log Σ e^{z-max}; logp = z[y] − lse; ez = Σ e^{z-max}·z / Σ e^{z-max}.
+  float* lse_p = lse.data_ptr<float>();
+  float* logp_p = logp.data_ptr<float>();
+  float* ez_p = with_entropy ? ez->data_ptr<float>() : nullptr;
+  for (int64_t t = 0; t < M; ++t) {
+    const float m = st.max[t];
+    const float l = m == kNegInf ? kNegInf : m + std::log(st.sum[t]);
+    lse_p[t] = l;
+    logp_p[t] = st.target[t] - l;
+    if (ez_p) ez_p[t] = st.zsum[t] / st.sum[t];
+  }
+  return {logp, lse, ez};
+}
+
+std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>> backward(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& coef_a, const at::Tensor& coef_b,
+    const c10::optional<at::Tensor>& coef_c, double temperature, double softcap, bool need_hidden,
+    bool need_weight, bool need_bias) {
+  at::NoGradGuard no_grad;
+  check_inputs(hidden, weight, bias, targets);
+  need_bias = need_bias && bias.has_value();
+  const int64_t M = hidden.size(0), V = weight.size(0), D = hidden.size(1);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  const bool fp32_in = hidden.scalar_type() == at::kFloat;
+
+  c10::optional<at::Tensor> d_hidden, d_weight, d_bias;
+  // fp32 accumulators, each first written by a beta = 0 GEMM. For fp32 inputs they are the outputs themselves
+  // (no extra copy); otherwise d_hidden is accumulated over all vocab tiles in fp32, and d_weight only needs
+  // one fp32 tile at a time because the vocab tile is the outer loop.
+  at::Tensor dh32, dw32_tile, db32;
+  if (need_hidden) {
+    d_hidden = at::empty({M, D}, hidden.options());
+    dh32 = fp32_in ? *d_hidden : at::empty({M, D}, f32);
+  }
+  if (need_weight) d_weight = at::empty({V, D}, weight.options());
+  if (need_bias) db32 = at::zeros({V}, f32);
+  if (M == 0 || !(need_hidden || need_weight || need_bias)) {
+    if (need_weight) d_weight->zero_();
+    if (need_hidden) d_hidden->zero_();
+    if (need_bias) d_bias = db32.to(bias->scalar_type());
+    return {d_hidden, d_weight, d_bias};
+  }
+
+  const at::Tensor h32 = as_fp32(hidden);
+  const at::Tensor targets_c = targets.contiguous();
+  const at::Tensor lse_c = lse.to(at::kFloat).contiguous();
+  const at::Tensor a_c = coef_a.to(at::kFloat).contiguous(), b_c = coef_b.to(at::kFloat).contiguous();
+  const at::Tensor c_c = coef_c ? coef_c->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor bias32 = bias ? as_fp32(bias->contiguous()) : at::Tensor();
+  const Tiling tiling = choose_tiling(M, V);
+  at::Tensor ws = at::empty({tiling.tokens * tiling.vocab}, f32);
+  if (need_weight && !fp32_in) dw32_tile = at::empty({tiling.vocab, D}, f32);
+  const at::Tensor ones = need_bias ? at::ones({tiling.tokens}, f32) : at::Tensor();
+
+  const int64_t* y = targets_c.data_ptr<int64_t>();
+  const float* lse_p = lse_c.data_ptr<float>();
+  const float* a_p = a_c.data_ptr<float>();
+  const float* b_p = b_c.data_ptr<float>();
+  const float* c_p = coef_c ? c_c.data_ptr<float>() : nullptr;
+
+  for (int64_t v0 = 0; v0 < V; v0 += tiling.vocab) {
+    const int64_t nv = std::min(tiling.vocab, V - v0);
+    const at::Tensor w32 = as_fp32(weight.narrow(0, v0, nv));
+    const Transform tf = make_transform(bias ? bias32.data_ptr<float>() + v0 : nullptr, temperature, softcap);
+    at::Tensor dw_acc;
+    if (need_weight) dw_acc = fp32_in ? d_weight->narrow(0, v0, nv) : dw32_tile.narrow(0, 0, nv);
+    for (int64_t t0 = 0; t0 < M; t0 += tiling.tokens) {
+      const int64_t nt = std::min(tiling.tokens, M - t0);
+      at::Tensor tile = tile_view(ws, nt, nv);
+      const at::Tensor h_blk = h32.narrow(0, t0, nt);
+      at::mm_out(tile, h_blk, w32.t());
+      float* base = tile.data_ptr<float>();
+      at::parallel_for(0, nt, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t t = t0 + r;
+          backward_row(base + r * nv, nv, v0, y[t], tf, lse_p[t], a_p[t], b_p[t], c_p ? c_p + t : nullptr);
+        }
+      });
+      // First contribution overwrites (beta = 0), later ones accumulate in place (beta = 1).
+      if (need_hidden) {
+        at::Tensor dh_blk = dh32.narrow(0, t0, nt);
+        if (v0 == 0) {
+          at::mm_out(dh_blk, tile, w32);
+        } else {
+          dh_blk.addmm_(tile, w32);
+        }
+      }
+      if (need_weight) {
+        if (t0 == 0) {
+          at::mm_out(dw_acc, tile.t(), h_blk);
+        } else {
+          dw_acc.addmm_(tile.t(), h_blk);
+        }
+      }
+      if (need_bias) db32.narrow(0, v0, nv).addmv_(tile.t(), ones.narrow(0, 0, nt));
+    }
+    if (need_weight && !fp32_in) d_weight->narrow(0, v0, nv).copy_(dw_acc);
+  }
+
+  if (need_hidden && !fp32_in) d_hidden->copy_(dh32);
+  if (need_bias) d_bias = db32.to(bias->scalar_type());
+  return {d_hidden, d_weight, d_bias};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The GIL is released: the ops are long and touch no Python state.
+  m.doc() = "Native CPU backend of epa_kernels.linear_logprobs (blocked GEMM tiles + fused vectorised passes)";
+  m.def("forward", &forward,
+        "forward(hidden, weight, bias, targets, temperature, softcap, with_entropy) -> (logp, lse, ez|None); "
+        "softcap 0 means none",
+        py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("temperature"),
+        py::arg("softcap"), py::arg("with_entropy"), py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &backward,
+        "backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c, temperature, softcap, "
+        "need_hidden, need_weight, need_bias) -> (d_hidden|None, d_weight|None, d_bias|None); softcap 0 means none",
+        py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("lse"),
+        py::arg("coef_a"), py::arg("coef_b"), py::arg("coef_c"), py::arg("temperature"), py::arg("softcap"),
+        py::arg("need_hidden"), py::arg("need_weight"), py::arg("need_bias"),
+        py::call_guard<py::gil_scoped_release>());
+}
