@@ -7,11 +7,12 @@ from benchmarks import harness, run
 
 
 def test_tiny_run_end_to_end(tmp_path):
-    results = run.main(["--device", "cpu", "--tokens", "64", "--hidden", "16", "--vocab", "300", "--repeats", "2",
+    results = run.main(["--device", "cpu", "--tokens", "256", "--hidden", "16", "--vocab", "2000", "--repeats", "2",
                         "--warmup", "1", "--impls", "reference", "torch", "native", "triton", "--out", str(tmp_path)])
     by_impl = {r.impl: r for r in results}
     assert by_impl["reference"].status == "ok" and by_impl["reference"].ratios["time"] == 1.0
-    assert by_impl["reference"].peak_bytes >= 64 * 300 * 4  # its logits, at least
+    # Its logits at least (2 MiB: CPU resident-set counters are updated in steps of ~64 pages).
+    assert by_impl["reference"].peak_bytes >= 256 * 2000 * 4
     assert by_impl["torch"].status == "ok" and by_impl["torch"].full_ms > 0 and by_impl["torch"].peak_bytes is not None
     assert by_impl["triton"].status.startswith("skipped")  # CPU tensors: no timing of the interpreter
     saved = json.loads((tmp_path / "results.json").read_text())
