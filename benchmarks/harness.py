@@ -16,8 +16,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 
@@ -65,9 +65,12 @@ def implementations(device: torch.device) -> dict[str, Callable | str]:
             (name == "triton" and device.type != "cuda") or (name == "native" and device.type != "cpu")
         )
         if usable:
-            impls[name] = lambda h, w, t, cu, name=name: epa_kernels.linear_logprobs(h, w, t, cu_seqlens=cu, backend=name)
+            impls[name] = lambda h, w, t, cu, backend=name: epa_kernels.linear_logprobs(
+                h, w, t, cu_seqlens=cu, backend=backend
+            )
         else:
-            impls[name] = f"skipped: {info.detail if not info.available else 'not for ' + device.type + ' tensors'}"
+            reason = info.detail if not info.available else f"not for {device.type} tensors"
+            impls[name] = f"skipped: {reason}"
     return impls
 
 
@@ -107,7 +110,7 @@ def time_pass(fn, inputs, device, *, warmup: int, repeats: int) -> dict[str, flo
             fwd.append(times[0])
             bwd.append(times[1])
         del logps
-    full = [f + b for f, b in zip(fwd, bwd)]
+    full = [f + b for f, b in zip(fwd, bwd, strict=True)]
     return {"forward_ms": statistics.median(fwd), "backward_ms": statistics.median(bwd),
             "full_ms": statistics.median(full)}
 
@@ -198,7 +201,7 @@ def run_case(case: Case, device: torch.device, names, *, warmup: int, repeats: i
             logps, grads = full_pass(impl, *inputs)
             if expected is None:  # the first implementation run is the reference
                 expected = (logps, *grads)
-            error = max(max_rel_error(a, b) for a, b in zip((logps, *grads), expected))
+            error = max(max_rel_error(a, b) for a, b in zip((logps, *grads), expected, strict=True))
             del logps, grads
             if error > TOLERANCE[case.dtype]:
                 results.append(Result(name, asdict(case), f"wrong: relative error {error:.2e}", error=error))

@@ -25,7 +25,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(name: str) -> tuple[ModuleType | None, str]:
     """Import a backend module once; on failure remember why."""
     try:

@@ -8,12 +8,12 @@ log-sum-exp or the entropy — reaches the kernels as three per-token coefficien
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
-from epa_kernels.dispatch import resolve_backend
 from epa_kernels._validation import REDUCTIONS, check_choice, check_linear_inputs, check_positive_finite
+from epa_kernels.dispatch import resolve_backend
 
 
 class LogProbs(NamedTuple):
@@ -24,8 +24,8 @@ class LogProbs(NamedTuple):
     """
 
     logps: torch.Tensor
-    lse: Optional[torch.Tensor]
-    entropy: Optional[torch.Tensor]
+    lse: torch.Tensor | None
+    entropy: torch.Tensor | None
 
 
 class LinearLogProbsFunction(torch.autograd.Function):
@@ -74,17 +74,17 @@ def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     *,
-    cu_seqlens: Optional[torch.Tensor] = None,
+    cu_seqlens: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "sum",
     temperature: float = 1.0,
-    softcap: Optional[float] = None,
+    softcap: float | None = None,
     return_lse: bool = False,
     return_entropy: bool = False,
     backend: str = "auto",
-    filter_eps: Optional[float] = None,
+    filter_eps: float | None = None,
 ):
     """Log-probs of `targets` under `softmax((hidden · weightᵀ + bias) / temperature)`, never materialising logits.
 

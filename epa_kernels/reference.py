@@ -6,8 +6,6 @@ independently, and gradients come from autograd.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from epa_kernels._validation import REDUCTIONS, check_choice, check_linear_inputs, check_positive_finite
@@ -18,13 +16,13 @@ def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     *,
-    cu_seqlens: Optional[torch.Tensor] = None,
+    cu_seqlens: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "sum",
     temperature: float = 1.0,
-    softcap: Optional[float] = None,
+    softcap: float | None = None,
     return_lse: bool = False,
     return_entropy: bool = False,
 ):
@@ -64,7 +62,7 @@ def linear_logprobs(
     else:
         bounds = [0, targets.numel()] if cu_seqlens is None else cu_seqlens.tolist()
         sums, counts = [], []
-        for start, stop in zip(bounds[:-1], bounds[1:]):
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
             sums.append(token_logp[start:stop].sum())
             counts.append(max(int(valid[start:stop].sum()), 1))
         logps = torch.stack(sums)

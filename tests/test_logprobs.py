@@ -61,7 +61,7 @@ def outputs_and_grads(fn, case, upstream, **kwargs):
     out = fn(case["hidden"], case["weight"], case["targets"], case["bias"], cu_seqlens=case["cu_seqlens"], **kwargs)
     outs = list(out) if isinstance(out, tuple) else [out]
     outs = [o for o in outs if o is not None]
-    loss = sum((o.double().cpu() * g).sum() for o, g in zip(outs, upstream))
+    loss = sum((o.double().cpu() * g).sum() for o, g in zip(outs, upstream, strict=True))
     grads = torch.autograd.grad(loss, params(case))
     return outs, list(grads)
 
@@ -78,7 +78,8 @@ def check_against_reference(backend, case, **kwargs):
     ref_x = outputs_and_grads(reference.linear_logprobs, case, upstream, **kwargs)
     ref64 = outputs_and_grads(reference.linear_logprobs, upcast(case), upstream, **kwargs)
     names = ["output"] * len(fused[0]) + ["d_hidden", "d_weight", "d_bias"][: len(fused[1])]
-    for name, got, ref, truth in zip(names, fused[0] + fused[1], ref_x[0] + ref_x[1], ref64[0] + ref64[1]):
+    columns = (names, fused[0] + fused[1], ref_x[0] + ref_x[1], ref64[0] + ref64[1])
+    for name, got, ref, truth in zip(*columns, strict=True):
         assert got.dtype == (torch.float32 if name == "output" else ref.dtype), f"{name} dtype {got.dtype}"
         assert_matches_reference(name, got, ref, truth)
     return fused
