@@ -6,6 +6,9 @@ PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# Backends whose absence fails the tests instead of skipping them (a silent C++ build failure, say).
+EPA_REQUIRE_BACKENDS ?= native triton torch
+export EPA_REQUIRE_BACKENDS
 STAMPS := .make
 
 .PHONY: test bench bench-pytest lint clean

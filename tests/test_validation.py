@@ -1,4 +1,6 @@
 """Bad input fails with a clear ValueError/TypeError that names the argument (DESIGN §5)."""
+import os
+
 import pytest
 import torch
 
@@ -69,6 +71,14 @@ def test_cu_seqlens_with_padded_hidden():
 def test_padded_targets_shape():
     with pytest.raises(ValueError, match="targets"):
         epa_kernels.linear_logprobs(torch.randn(2, 5, 8), torch.randn(50, 8), torch.randint(0, 50, (10,)))
+
+
+def test_required_backends_are_available():
+    """`make test` names the backends this machine must have (EPA_REQUIRE_BACKENDS), so none is skipped silently."""
+    required = os.environ.get("EPA_REQUIRE_BACKENDS", "").split()
+    available = epa_kernels.backends()
+    missing = {name: available[name].detail for name in required if not available[name].available}
+    assert not missing, f"required backends unavailable: {missing}"
 
 
 def test_native_backend_rejects_other_devices_or_is_unavailable():
