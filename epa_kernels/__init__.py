@@ -4,8 +4,12 @@ Main entry point: `linear_logprobs(hidden, weight, targets, ...)`. `backends()` 
 kernel backends (triton, native C++, chunked torch) this installation can run.
 """
 from epa_kernels.dispatch import BackendInfo, backends
+from epa_kernels.groups import make_groups
 from epa_kernels.logprobs import LogProbs, linear_logprobs
+from epa_kernels.losses import LOSSES, preference_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendInfo", "LogProbs", "backends", "linear_logprobs", "__version__"]
+__all__ = [
+    "LOSSES", "BackendInfo", "LogProbs", "backends", "linear_logprobs", "make_groups", "preference_loss", "__version__",
+]
