@@ -18,7 +18,8 @@ def random_batch(num_prompts=4, num_strong=2, num_weak=3, *, seed=None, shared_w
         size = groups.shape[1]
         for p in range(num_prompts):
             other = (p + 1) % num_prompts
-            groups[p, 1 + num_strong :] = torch.arange(other * size, other * size + num_weak) % (other * size + 1 + num_strong)
+            first = other * size  # the other prompt's positive and strong responses, cycled
+            groups[p, 1 + num_strong :] = first + torch.arange(num_weak) % (1 + num_strong)
     if pad:
         groups[0, -1] = -1  # a padded weak slot
         if num_strong > 1:
@@ -45,15 +46,16 @@ def direct_loss(name, policy, ref, groups, num_strong, *, weak_weight=1.0, posit
         neg_w = [1.0] * len(strong) + [weak_weight] * len(weak)
         rp = r[pos] - margin
         if name == "epa":
-            inside = positive_weight * torch.exp(rp) + sum(w * torch.exp(r[j]) for j, w in zip(negs, neg_w))
+            negatives = sum(w * torch.exp(r[j]) for j, w in zip(negs, neg_w, strict=True))
+            inside = positive_weight * torch.exp(rp) + negatives
             loss = torch.log(inside) - rp
         elif name in ("dpo", "simpo"):
             pairs = [-(1 - label_smoothing) * F.logsigmoid(rp - r[j]) - label_smoothing * F.logsigmoid(r[j] - rp)
                      for j in negs]
-            loss = sum(w * x for w, x in zip(neg_w, pairs)) / sum(neg_w)
+            loss = sum(w * x for w, x in zip(neg_w, pairs, strict=True)) / sum(neg_w)
         elif name == "ipo":
             pairs = [((r[pos] - r[j]) / BETA - 1 / (2 * BETA)) ** 2 for j in negs]
-            loss = sum(w * x for w, x in zip(neg_w, pairs)) / sum(neg_w)
+            loss = sum(w * x for w, x in zip(neg_w, pairs, strict=True)) / sum(neg_w)
         elif name == "sdpo":
             loss = -F.logsigmoid(-torch.log(sum(torch.exp(r[j] - rp) for j in strong)))
         elif name in ("infonca", "nca"):
@@ -66,9 +68,10 @@ def direct_loss(name, policy, ref, groups, num_strong, *, weak_weight=1.0, posit
                 t = [math.exp(x) / z for x in row]
             if name == "infonca":
                 log_z = torch.log(sum(torch.exp(r[j]) for j in members))
-                loss = -sum(tj * (r[j] - log_z) for tj, j in zip(t, members))
+                loss = -sum(tj * (r[j] - log_z) for tj, j in zip(t, members, strict=True))
             else:
-                loss = -sum(tj * F.logsigmoid(r[j]) + F.logsigmoid(-r[j]) / len(members) for tj, j in zip(t, members))
+                n = len(members)
+                loss = -sum(tj * F.logsigmoid(r[j]) + F.logsigmoid(-r[j]) / n for tj, j in zip(t, members, strict=True))
         elif name == "plackett_luce":
             ranked = [pos] + negs
             loss = -sum(r[ranked[k]] - torch.log(sum(torch.exp(r[j]) for j in ranked[k:])) for k in range(len(ranked)))
