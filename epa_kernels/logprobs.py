@@ -70,6 +70,35 @@ class LinearLogProbsFunction(torch.autograd.Function):
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
 
+def check_logit_options(temperature, softcap, filter_eps):
+    """Validated (temperature, softcap, filter_eps) of the logit transform and the gradient filter."""
+    temperature = check_positive_finite("temperature", temperature)
+    if softcap is not None:
+        softcap = check_positive_finite("softcap", softcap)
+    if filter_eps is not None and filter_eps != 0:
+        filter_eps = check_positive_finite("filter_eps", filter_eps)
+    return temperature, softcap, filter_eps
+
+
+class Tokens(NamedTuple):
+    """The tokens that reach the kernels: ignored ones dropped (they cost nothing, get exactly zero gradient)."""
+
+    hidden: torch.Tensor  # [M, D] contiguous
+    targets: torch.Tensor  # [M] int64
+    seq_ids: torch.Tensor  # [M] sequence of each token
+    index: torch.Tensor | None  # [M] positions among all N tokens; None when none was ignored
+
+
+def prepare_tokens(hidden, targets, layout, ignore_index) -> Tokens:
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1).to(torch.int64)
+    valid = flat_targets != ignore_index
+    if bool(valid.all()):
+        return Tokens(flat_hidden.contiguous(), flat_targets, layout.seq_ids, None)
+    index = valid.nonzero().squeeze(1)
+    return Tokens(flat_hidden[index].contiguous(), flat_targets[index], layout.seq_ids[index], index)
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -100,30 +129,15 @@ def linear_logprobs(
     """
     layout = check_linear_inputs(hidden, weight, targets, bias, cu_seqlens, ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
-    temperature = check_positive_finite("temperature", temperature)
-    if softcap is not None:
-        softcap = check_positive_finite("softcap", softcap)
-    if filter_eps is not None and filter_eps != 0:
-        filter_eps = check_positive_finite("filter_eps", filter_eps)
+    temperature, softcap, filter_eps = check_logit_options(temperature, softcap, filter_eps)
     _, kernels = resolve_backend(backend, hidden.device)
+    tokens = prepare_tokens(hidden, targets, layout, ignore_index)
+    index, seq_ids, num_tokens = tokens.index, tokens.seq_ids, layout.seq_ids.numel()
 
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_targets = targets.reshape(-1).to(torch.int64)
-    valid = flat_targets != ignore_index
-    num_tokens = flat_targets.numel()
-    all_valid = bool(valid.all())
-    if all_valid:
-        index = None
-        seq_ids = layout.seq_ids
-    else:
-        # Ignored tokens never reach the kernels: they cost nothing and get exactly zero gradient.
-        index = valid.nonzero().squeeze(1)
-        flat_hidden, flat_targets, seq_ids = flat_hidden[index], flat_targets[index], layout.seq_ids[index]
-
-    if flat_targets.numel() > 0:
+    if tokens.targets.numel() > 0:
         logp, lse, entropy = LinearLogProbsFunction.apply(
-            flat_hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-            flat_targets, kernels, temperature, softcap, return_entropy, filter_eps,
+            tokens.hidden, weight.contiguous(), None if bias is None else bias.contiguous(),
+            tokens.targets, kernels, temperature, softcap, return_entropy, filter_eps,
         )
     else:  # every token ignored: an empty result still connected to the inputs (zero gradients)
         anchor = sum(t.sum() for t in (hidden, weight, bias) if t is not None) * 0.0

@@ -1,0 +1,167 @@
+"""Preference losses fused with the LM head: hidden states in, group loss out, no [N, V] logits (DESIGN §3).
+
+One autograd Function. Forward: the log-prob kernel yields per-sequence log-probs; the group loss
+and its exact gradient with respect to every sequence log-prob are computed once, on the tiny
+[P, G] rewards, and turned into one coefficient per token. Backward: the kernel recomputes the
+logits tile by tile with those coefficients, scaled by the loss's upstream gradient. Stored state:
+the per-token log-sum-exp and coefficient (O(N) floats) plus one float per sequence.
+
+With a process group, sequence log-probs are all-gathered (S floats per rank) so groups may use
+any rank's sequences as weak negatives; the backward all-reduces the per-sequence gradient so each
+rank's sequences receive the gradient of every rank's loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from epa_kernels import distributed
+from epa_kernels._validation import check_choice, check_linear_inputs
+from epa_kernels.dispatch import resolve_backend
+from epa_kernels.logprobs import check_logit_options, linear_logprobs, prepare_tokens
+from epa_kernels.losses import LOSSES, preference_loss
+
+SEQUENCE_REDUCTIONS = ("sum", "mean")
+
+
+class FusedLinearPreferenceFunction(torch.autograd.Function):
+    """(hidden [M, D], weight, bias, targets [M]) → scalar loss; `loss_fn(global sequence log-probs)` gives it."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, seq_ids, token_scale, num_seqs, kernels, temperature, softcap,
+                loss_fn, process_group, outputs):
+        logp, lse, _ = kernels.forward(hidden, weight, bias, targets, temperature=temperature, softcap=softcap)
+        seq_logps = logp.new_zeros(num_seqs).index_add_(0, seq_ids, logp * token_scale)
+        start = 0
+        if process_group is not None:
+            counts = distributed.sequence_counts(num_seqs, seq_logps.device, process_group)
+            start = sum(counts[: dist.get_rank(process_group)])
+            seq_logps = distributed.all_gather_sequences(seq_logps, process_group)
+        with torch.enable_grad():
+            leaf = seq_logps.detach().requires_grad_()
+            loss, metrics = loss_fn(leaf)
+            (grad_seq,) = torch.autograd.grad(loss, leaf)
+        outputs["metrics"], outputs["seq_logps"] = metrics, seq_logps[start : start + num_seqs]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, seq_ids, token_scale, grad_seq)
+        ctx.kernels, ctx.temperature, ctx.softcap = kernels, temperature, softcap
+        ctx.process_group, ctx.start, ctx.num_seqs = process_group, start, num_seqs
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, bias, targets, lse, seq_ids, token_scale, grad_seq = ctx.saved_tensors
+        grad_seq = grad_seq * grad_loss
+        if ctx.process_group is not None:  # every rank's loss may depend on this rank's sequences
+            dist.all_reduce(grad_seq, op=dist.ReduceOp.SUM, group=ctx.process_group)
+        grad_seq = grad_seq[ctx.start : ctx.start + ctx.num_seqs]
+        coef_a = (grad_seq[seq_ids] * token_scale).contiguous()
+        d_hidden, d_weight, d_bias = ctx.kernels.backward(
+            hidden, weight, bias, targets, lse, coef_a, -coef_a, None,
+            temperature=ctx.temperature, softcap=ctx.softcap, need_hidden=ctx.needs_input_grad[0],
+            need_weight=ctx.needs_input_grad[1], need_bias=bias is not None and ctx.needs_input_grad[2],
+        )
+        return (d_hidden, d_weight, d_bias) + (None,) * 10
+
+
+def fused_linear_preference_loss(hidden, weight, targets, groups, *, bias=None, cu_seqlens=None, ref_logps=None,
+                                 ref_hidden=None, ref_weight=None, ref_bias=None, loss="epa", reduction="sum",
+                                 ignore_index=-100, temperature=1.0, softcap=None, backend="auto",
+                                 process_group=None, **loss_kw):
+    """Group preference loss straight from hidden states → (loss, metrics).
+
+    hidden [N, D] packed with cu_seqlens [S+1] (or [B, T, D] padded, S = B), weight [V, D], targets
+    [N] / [B, T] already shifted with ignore_index, groups [P, G] over the S sequences (see
+    `make_groups`; global indices with `process_group`). reduction: "sum" or "mean" (SimPO-style)
+    per-sequence log-prob. The reference: `ref_logps` [S], or a reference model's `ref_hidden` (with
+    `ref_weight`/`ref_bias`, default the policy's head) run through the same kernel without grad, or
+    neither (reference-free). `loss` and `**loss_kw` (beta, num_strong, weak_weight, positive_weight,
+    weights, scores, score_temperature, margin, label_smoothing) are those of `preference_loss`.
+    metrics also holds "policy_logps" [S] (detached) for logging.
+    """
+    layout = check_linear_inputs(hidden, weight, targets, bias, cu_seqlens, ignore_index)
+    check_choice("reduction", reduction, SEQUENCE_REDUCTIONS)
+    check_choice("loss", loss, LOSSES)
+    temperature, softcap, _ = check_logit_options(temperature, softcap, None)
+    _, kernels = resolve_backend(backend, hidden.device)
+    if ref_hidden is not None:
+        if ref_logps is not None:
+            raise ValueError("pass ref_logps or ref_hidden, not both")
+        with torch.no_grad():
+            ref_logps = linear_logprobs(
+                ref_hidden, weight.detach() if ref_weight is None else ref_weight, targets,
+                (None if bias is None else bias.detach()) if ref_weight is None else ref_bias,
+                cu_seqlens=cu_seqlens, ignore_index=ignore_index, reduction=reduction, temperature=temperature,
+                softcap=softcap, backend=backend,
+            )
+    elif ref_weight is not None or ref_bias is not None:
+        raise ValueError("ref_weight/ref_bias need ref_hidden")
+    if ref_logps is not None and ref_logps.shape != (layout.num_seqs,):
+        raise ValueError(f"ref_logps must have one value per sequence [S] = [{layout.num_seqs}], "
+                         f"got {tuple(ref_logps.shape)}")
+    if ref_logps is not None:
+        ref_logps = ref_logps.detach()
+        if process_group is not None:
+            ref_logps = distributed.all_gather_sequences(ref_logps, process_group)
+
+    def loss_fn(policy_logps):
+        return preference_loss(policy_logps, ref_logps, groups, loss=loss, **loss_kw)
+
+    if process_group is None:  # validate groups and options before the kernels run
+        loss_fn(torch.zeros(layout.num_seqs, device=hidden.device))
+
+    tokens = prepare_tokens(hidden, targets, layout, ignore_index)
+    counts = torch.bincount(tokens.seq_ids, minlength=layout.num_seqs)
+    if reduction == "mean":
+        token_scale = 1.0 / counts.clamp(min=1)[tokens.seq_ids].float()
+    else:
+        token_scale = torch.ones(tokens.seq_ids.shape, device=hidden.device)
+    outputs = {}
+    value = FusedLinearPreferenceFunction.apply(
+        tokens.hidden, weight.contiguous(), None if bias is None else bias.contiguous(), tokens.targets,
+        tokens.seq_ids, token_scale, layout.num_seqs, kernels, temperature, softcap, loss_fn, process_group, outputs,
+    )
+    return value, {**outputs["metrics"], "policy_logps": outputs["seq_logps"]}
+
+
+class FusedLinearEPALoss(nn.Module):
+    """`fused_linear_preference_loss` as a module: options at construction, tensors in forward.
+
+    >>> criterion = FusedLinearEPALoss(beta=0.1, num_strong=3, weak_weight=0.5)
+    >>> loss, metrics = criterion(hidden, lm_head.weight, targets, groups, ref_logps, cu_seqlens)
+    """
+
+    def __init__(self, loss="epa", *, reduction="sum", ignore_index=-100, temperature=1.0, softcap=None,
+                 backend="auto", process_group=None, **loss_kw):
+        super().__init__()
+        check_choice("loss", loss, LOSSES)
+        check_choice("reduction", reduction, SEQUENCE_REDUCTIONS)
+        self.config = dict(loss=loss, reduction=reduction, ignore_index=ignore_index, temperature=temperature,
+                           softcap=softcap, backend=backend, process_group=process_group, **loss_kw)
+
+    def forward(self, hidden, weight, targets, groups, ref_logps=None, cu_seqlens=None, bias=None, **extra):
+        """extra: weights, scores, ref_hidden, ref_weight, ref_bias."""
+        return fused_linear_preference_loss(hidden, weight, targets, groups, bias=bias, cu_seqlens=cu_seqlens,
+                                            ref_logps=ref_logps, **self.config, **extra)
+
+
+class FusedLinearDPOLoss(FusedLinearEPALoss):
+    """Pairwise losses on Liger's chosen-first layout, hidden before weight.
+
+    hidden [2B, T, D] (or packed [N, D] with cu_seqlens over 2B sequences): sequences 0…B−1 are the
+    chosen responses, B…2B−1 the rejected ones. loss: "dpo" (default), "ipo", "simpo", "epa".
+    forward(hidden, weight, targets, bias=None, ref_logps=None [2B], cu_seqlens=None, ref_hidden=…).
+    """
+
+    def __init__(self, loss="dpo", **config):
+        super().__init__(loss, **config)
+
+    def forward(self, hidden, weight, targets, bias=None, ref_logps=None, cu_seqlens=None, **extra):
+        num_seqs = hidden.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        if num_seqs % 2 or (hidden.dim() == 2 and cu_seqlens is None):
+            raise ValueError(f"hidden must hold 2B sequences (chosen then rejected), got {num_seqs}")
+        half = num_seqs // 2
+        chosen = torch.arange(half, device=hidden.device)
+        groups = torch.stack([chosen, chosen + half], dim=1)
+        return super().forward(hidden, weight, targets, groups, ref_logps=ref_logps, cu_seqlens=cu_seqlens,
+                               bias=bias, **extra)
