@@ -6,8 +6,14 @@ import torch
 from conftest import BACKEND_PARAMS, DEVICE, assert_matches_reference
 
 import epa_kernels
-from epa_kernels import FusedLinearDPOLoss, FusedLinearEPALoss, fused_linear_preference_loss, make_groups
-from epa_kernels import preference_loss, reference
+from epa_kernels import (
+    FusedLinearDPOLoss,
+    FusedLinearEPALoss,
+    fused_linear_preference_loss,
+    make_groups,
+    preference_loss,
+    reference,
+)
 
 VOCAB, DIM = 500, 40
 PROMPTS, STRONG, WEAK = 2, 2, 2

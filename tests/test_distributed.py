@@ -1,0 +1,107 @@
+"""Global negatives across ranks: 2 gloo processes on CPU equal one process holding the concatenated batch.
+
+Each rank holds its own prompts' sequences; its groups take weak negatives from the other rank through
+global indices (position in the rank-ordered concatenation). Each rank's loss is the mean over its
+own groups, so with equal prompts per rank: mean of the ranks' losses = the single-process loss, and
+every gradient summed over ranks (what DDP's all-reduce does, before its averaging) = world size ×
+the single-process gradient.
+"""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from epa_kernels import fused_linear_preference_loss, make_groups, preference_loss
+
+WORLD = 2
+VOCAB, DIM, PROMPTS_PER_RANK, STRONG, WEAK = 300, 24, 2, 1, 2
+SIZE = 1 + STRONG + WEAK
+SEQS_PER_RANK = PROMPTS_PER_RANK * SIZE
+
+
+def full_batch(seed=0):
+    """The concatenated batch: rank r owns sequences [r·S_r, (r+1)·S_r) and prompts [r·P_r, (r+1)·P_r)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 7, (WORLD * SEQS_PER_RANK,), generator=gen)
+    tokens = int(lengths.sum())
+    targets = torch.randint(0, VOCAB, (tokens,), generator=gen)
+    targets[::5] = -100
+    groups = make_groups(WORLD * PROMPTS_PER_RANK, STRONG, WEAK)
+    # weak negatives: the other rank's positives (global indices)
+    for p in range(WORLD * PROMPTS_PER_RANK):
+        other_rank = (p // PROMPTS_PER_RANK + 1) % WORLD
+        groups[p, 1 + STRONG :] = torch.arange(WEAK) * SIZE + other_rank * SEQS_PER_RANK
+    return {
+        "lengths": lengths,
+        "hidden": torch.randn(tokens, DIM, generator=gen),
+        "weight": torch.randn(VOCAB, DIM, generator=gen) / DIM**0.5,
+        "targets": targets,
+        "groups": groups,
+        "ref_logps": torch.randn(WORLD * SEQS_PER_RANK, generator=gen) - 10,
+    }
+
+
+def rank_slice(batch, rank):
+    seq = slice(rank * SEQS_PER_RANK, (rank + 1) * SEQS_PER_RANK)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), batch["lengths"].cumsum(0)])
+    tok = slice(int(offsets[seq.start]), int(offsets[seq.stop]))
+    lengths = batch["lengths"][seq]
+    return {
+        "hidden": batch["hidden"][tok], "targets": batch["targets"][tok],
+        "cu_seqlens": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
+        "groups": batch["groups"][rank * PROMPTS_PER_RANK : (rank + 1) * PROMPTS_PER_RANK],
+        "ref_logps": batch["ref_logps"][seq],
+    }
+
+
+def single_process(batch, fused):
+    hidden = batch["hidden"].clone().requires_grad_()
+    weight = batch["weight"].clone().requires_grad_()
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), batch["lengths"].cumsum(0)])
+    args = dict(cu_seqlens=cu, ref_logps=batch["ref_logps"], num_strong=STRONG, weak_weight=0.5, backend="torch")
+    loss, _ = run_loss(fused, hidden, weight, batch["targets"], batch["groups"], args)
+    d_hidden, d_weight = torch.autograd.grad(loss, (hidden, weight))
+    return loss.detach(), d_hidden, d_weight
+
+
+def run_loss(fused, hidden, weight, targets, groups, args, process_group=None):
+    if fused:
+        return fused_linear_preference_loss(hidden, weight, targets, groups, process_group=process_group, **args)
+    from epa_kernels import linear_logprobs
+
+    logps = linear_logprobs(hidden, weight, targets, cu_seqlens=args["cu_seqlens"], backend=args["backend"])
+    return preference_loss(logps, args["ref_logps"], groups, num_strong=args["num_strong"],
+                           weak_weight=args["weak_weight"], process_group=process_group)
+
+
+def worker(rank, init_file, fused, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        batch = full_batch()
+        mine = rank_slice(batch, rank)
+        hidden = mine["hidden"].clone().requires_grad_()
+        weight = batch["weight"].clone().requires_grad_()
+        args = dict(cu_seqlens=mine["cu_seqlens"], ref_logps=mine["ref_logps"], num_strong=STRONG, weak_weight=0.5,
+                    backend="torch")
+        loss, metrics = run_loss(fused, hidden, weight, mine["targets"], mine["groups"], args, dist.group.WORLD)
+        d_hidden, d_weight = torch.autograd.grad(loss, (hidden, weight))
+        torch.save({"loss": loss.detach(), "d_hidden": d_hidden, "d_weight": d_weight},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_global_negatives_equal_single_process(fused):
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(worker, args=(os.path.join(out_dir, "init"), fused, out_dir), nprocs=WORLD, join=True)
+        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    loss, d_hidden, d_weight = single_process(full_batch(), fused)
+    torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r["d_hidden"] for r in ranks]), WORLD * d_hidden, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sum(r["d_weight"] for r in ranks), WORLD * d_weight, rtol=1e-4, atol=1e-6)
