@@ -9,9 +9,12 @@ is reported as wrong, not timed as fast.
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -22,18 +25,55 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import epa_kernels
-from epa_kernels import reference
+from epa_kernels import fused_linear_preference_loss, make_groups, preference_loss, reference
+
+
+CASE_PATTERN = re.compile(r"^(logprobs|dpo|epa-1\+(\d+)(?:\+(\d+))?)$")
 
 
 @dataclass(frozen=True)
 class Case:
-    """A log-prob benchmark case: S sequences of N/S tokens, hidden D, vocab V."""
+    """A benchmark case on N tokens, hidden D, vocab V.
+
+    kind "logprobs": per-sequence log-probs of `seqs` sequences. Loss kinds, "dpo" (1+1) and "epa"
+    (1 positive + `strong` + `weak` negatives per prompt): as many prompts as fit `seqs` sequences
+    (at least one), the N tokens split evenly between their sequences.
+    """
 
     tokens: int
     hidden: int
     vocab: int
     dtype: str = "float32"
     seqs: int = 8
+    kind: str = "logprobs"
+    strong: int = 1
+    weak: int = 0
+
+    @classmethod
+    def parse(cls, name: str, **sizes) -> Case:
+        """'logprobs', 'dpo', 'epa-1+K' or 'epa-1+K+W' → Case."""
+        match = CASE_PATTERN.match(name)
+        if match is None:
+            raise ValueError(f"unknown case {name!r}: use logprobs, dpo, epa-1+K or epa-1+K+W")
+        if name in ("logprobs", "dpo"):
+            return cls(kind=name, **sizes)
+        return cls(kind="epa", strong=int(match.group(2)), weak=int(match.group(3) or 0), **sizes)
+
+    @property
+    def name(self) -> str:
+        if self.kind == "epa":
+            return f"epa-1+{self.strong}" + (f"+{self.weak}" if self.weak else "")
+        return self.kind
+
+    @property
+    def group_size(self) -> int:
+        return 1 + self.strong + self.weak
+
+    @property
+    def num_seqs(self) -> int:
+        if self.kind == "logprobs":
+            return self.seqs
+        return max(1, self.seqs // self.group_size) * self.group_size
 
     @property
     def torch_dtype(self):
@@ -45,29 +85,59 @@ class Case:
         return 8.0 * self.tokens * self.hidden * self.vocab
 
     def inputs(self, device, seed=0):
+        """(hidden, weight, targets, cu_seqlens, upstream gradient of the output)."""
         gen = torch.Generator().manual_seed(seed)
         hidden = torch.randn(self.tokens, self.hidden, generator=gen).to(device, self.torch_dtype)
         weight = (torch.randn(self.vocab, self.hidden, generator=gen) / self.hidden**0.5).to(device, self.torch_dtype)
         targets = torch.randint(0, self.vocab, (self.tokens,), generator=gen).to(device)
-        step = self.tokens // self.seqs
-        cu_seqlens = torch.tensor([i * step for i in range(self.seqs)] + [self.tokens], device=device)
-        upstream = torch.randn(self.seqs, generator=gen).to(device)
+        step = self.tokens // self.num_seqs
+        cu_seqlens = torch.tensor([i * step for i in range(self.num_seqs)] + [self.tokens], device=device)
+        shape = (self.num_seqs,) if self.kind == "logprobs" else ()
+        upstream = torch.randn(shape, generator=gen).to(device) if shape else torch.ones((), device=device)
         return hidden.requires_grad_(), weight.requires_grad_(), targets, cu_seqlens, upstream
 
+    def loss_arguments(self, device, seed=1):
+        """Groups, reference log-probs near the policy's (−log V per token) and the loss options."""
+        gen = torch.Generator().manual_seed(seed)
+        groups = make_groups(self.num_seqs // self.group_size, self.strong, self.weak, device=device)
+        per_seq = self.tokens // self.num_seqs
+        ref_logps = (-per_seq * math.log(self.vocab) + torch.randn(self.num_seqs, generator=gen)).to(device)
+        options = {"loss": "dpo" if self.kind == "dpo" else "epa", "beta": 0.1}
+        if self.kind == "epa":
+            options["num_strong"] = self.strong
+        return groups, ref_logps, options
 
-def implementations(device: torch.device) -> dict[str, Callable | str]:
-    """name → fn(hidden, weight, targets, cu_seqlens) → per-sequence log-probs, or a reason it is skipped."""
-    impls: dict[str, Callable | str] = {
-        "reference": lambda h, w, t, cu: reference.linear_logprobs(h, w, t, cu_seqlens=cu),
-    }
+
+def implementations(device: torch.device, case: Case) -> dict[str, Callable | str]:
+    """name → fn(hidden, weight, targets, cu_seqlens) → the case's output, or a reason it is skipped.
+
+    The reference materialises the logits (and, for loss cases, applies `preference_loss` to its
+    per-sequence log-probs: the unfused path); the others are the fused backends.
+    """
+    if case.kind == "logprobs":
+        def reference_fn(h, w, t, cu):
+            return reference.linear_logprobs(h, w, t, cu_seqlens=cu)
+
+        def fused_fn(h, w, t, cu, backend):
+            return epa_kernels.linear_logprobs(h, w, t, cu_seqlens=cu, backend=backend)
+    else:
+        groups, ref_logps, options = case.loss_arguments(device)
+
+        def reference_fn(h, w, t, cu):
+            logps = reference.linear_logprobs(h, w, t, cu_seqlens=cu)
+            return preference_loss(logps, ref_logps, groups, **options)[0]
+
+        def fused_fn(h, w, t, cu, backend):
+            return fused_linear_preference_loss(h, w, t, groups, cu_seqlens=cu, ref_logps=ref_logps, backend=backend,
+                                                **options)[0]
+
+    impls: dict[str, Callable | str] = {"reference": reference_fn}
     for name, info in epa_kernels.backends().items():
         usable = info.available and not (
             (name == "triton" and device.type != "cuda") or (name == "native" and device.type != "cpu")
         )
         if usable:
-            impls[name] = lambda h, w, t, cu, backend=name: epa_kernels.linear_logprobs(
-                h, w, t, cu_seqlens=cu, backend=backend
-            )
+            impls[name] = functools.partial(fused_fn, backend=name)
         else:
             reason = info.detail if not info.available else f"not for {device.type} tensors"
             impls[name] = f"skipped: {reason}"
@@ -128,7 +198,7 @@ def _proc_status() -> dict[str, int]:
 def measure_peak_memory_here(name: str, case: Case, device: torch.device) -> int:
     """Peak bytes above the inputs during one full pass, measured in this process."""
     inputs = case.inputs(device)
-    fn = implementations(device)[name]
+    fn = implementations(device, case)[name]
     full_pass(fn, *inputs)  # warm-up: lazy initialisation is not the pass's memory
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -172,7 +242,7 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
 @dataclass
 class Result:
     impl: str
-    case: dict
+    case: dict  # the Case's fields plus its name
     status: str  # "ok", "wrong: …", "skipped: …", "failed: …"
     forward_ms: float | None = None
     backward_ms: float | None = None
@@ -186,7 +256,8 @@ class Result:
 def run_case(case: Case, device: torch.device, names, *, warmup: int, repeats: int, memory: bool = True,
              progress=print) -> list[Result]:
     """Check, time and measure each implementation on one case; ratios are against the reference."""
-    impls = implementations(device)
+    described = {**asdict(case), "name": case.name, "num_seqs": case.num_seqs}
+    impls = implementations(device, case)
     inputs = case.inputs(device)
     expected = None
     results = []
@@ -194,7 +265,7 @@ def run_case(case: Case, device: torch.device, names, *, warmup: int, repeats: i
         impl = impls.get(name, f"skipped: unknown implementation {name!r}")
         if isinstance(impl, str):
             progress(f"  {name}: {impl}")
-            results.append(Result(name, asdict(case), impl))
+            results.append(Result(name, described, impl))
             continue
         progress(f"  {name}: checking, timing{' and measuring memory' if memory else ''} …")
         try:
@@ -204,15 +275,15 @@ def run_case(case: Case, device: torch.device, names, *, warmup: int, repeats: i
             error = max(max_rel_error(a, b) for a, b in zip((logps, *grads), expected, strict=True))
             del logps, grads
             if error > TOLERANCE[case.dtype]:
-                results.append(Result(name, asdict(case), f"wrong: relative error {error:.2e}", error=error))
+                results.append(Result(name, described, f"wrong: relative error {error:.2e}", error=error))
                 continue
             timing = time_pass(impl, inputs, device, warmup=warmup, repeats=repeats)
         except Exception as exc:  # a broken implementation is reported, the run goes on
-            results.append(Result(name, asdict(case), f"failed: {type(exc).__name__}: {exc}"))
+            results.append(Result(name, described, f"failed: {type(exc).__name__}: {exc}"))
             continue
         peak = measure_peak_memory(name, case, device) if memory else None
         tflops = case.flops / (timing["full_ms"] * 1e-3) / 1e12
-        results.append(Result(name, asdict(case), "ok", peak_bytes=peak, tflops=tflops, error=error, **timing))
+        results.append(Result(name, described, "ok", peak_bytes=peak, tflops=tflops, error=error, **timing))
     base = next((r for r in results if r.impl == "reference" and r.status == "ok"), None)
     for r in results:
         if base is not None and r.status == "ok":

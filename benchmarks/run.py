@@ -3,8 +3,12 @@
     python -m benchmarks.run                       # CPU preset, about two minutes on 2 cores
     python -m benchmarks.run --preset gpu          # N=8192, D=4096, V=128256, bf16 on CUDA
     python -m benchmarks.run --tokens 4096 --vocab 32000 --hidden 512 --impls reference native
+    python -m benchmarks.run --cases logprobs dpo epa-1+3 epa-1+3+60
 
-Prints a markdown table and writes results.json + results.md to --out (default bench-out/).
+Cases: per-sequence log-probs ("logprobs"), DPO ("dpo", 1+1) and EPA ("epa-1+K" or "epa-1+K+W":
+K strong and W weak negatives per prompt) on the same N tokens; for loss cases the reference is the
+unfused path (materialised log-probs + preference_loss). Prints a markdown table and a summary,
+and writes results.json + results.md to --out (default bench-out/).
 """
 from __future__ import annotations
 
@@ -18,8 +22,10 @@ import torch
 from benchmarks.harness import Case, environment, run_case
 
 PRESETS = {
-    "cpu": {"tokens": [4096], "hidden": [512], "vocab": [32000], "dtype": "float32", "repeats": 5, "warmup": 1},
-    "gpu": {"tokens": [8192], "hidden": [4096], "vocab": [128256], "dtype": "bfloat16", "repeats": 20, "warmup": 5},
+    "cpu": {"tokens": [2048], "hidden": [512], "vocab": [32000], "dtype": "float32", "repeats": 3, "warmup": 1,
+            "cases": ["logprobs", "dpo", "epa-1+3+60"]},
+    "gpu": {"tokens": [8192], "hidden": [4096], "vocab": [128256], "dtype": "bfloat16", "repeats": 20, "warmup": 5,
+            "cases": ["logprobs", "dpo", "epa-1+3", "epa-1+3+4", "epa-1+3+16", "epa-1+3+60"]},
 }
 IMPLS = ["reference", "triton", "native", "torch"]
 
@@ -28,6 +34,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu on CUDA, cpu otherwise")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--cases", nargs="+", help="logprobs, dpo, epa-1+K, epa-1+K+W (default: the preset's)")
     parser.add_argument("--impls", nargs="+", default=IMPLS, help=f"implementations (default: {' '.join(IMPLS)})")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts N")
     parser.add_argument("--hidden", type=int, nargs="+", help="hidden sizes D")
@@ -46,15 +53,15 @@ def fmt(value, spec):
 
 def markdown_table(results) -> str:
     lines = [
-        "| impl | N | D | V | dtype | forward ms | backward ms | full ms | × ref time | peak MiB | × ref memory "
+        "| case | impl | N | D | V | dtype | forward ms | backward ms | full ms | × ref time | peak MiB | × ref memory "
         "| TFLOP/s | rel. error | status |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         c = r.case
         peak = None if r.peak_bytes is None else r.peak_bytes / 2**20
         lines.append(
-            f"| {r.impl} | {c['tokens']} | {c['hidden']} | {c['vocab']} | {c['dtype']} | {fmt(r.forward_ms, '.1f')} "
+            f"| {c['name']} | {r.impl} | {c['tokens']} | {c['hidden']} | {c['vocab']} | {c['dtype']} | {fmt(r.forward_ms, '.1f')} "
             f"| {fmt(r.backward_ms, '.1f')} | {fmt(r.full_ms, '.1f')} | {fmt(r.ratios.get('time'), '.2f')} "
             f"| {fmt(peak, '.1f')} | {fmt(r.ratios.get('memory'), '.3f')} | {fmt(r.tflops, '.3f')} "
             f"| {fmt(r.error, '.1e')} | {r.status} |"
@@ -62,28 +69,59 @@ def markdown_table(results) -> str:
     return "\n".join(lines)
 
 
+def summary(results) -> str:
+    """What one run shows beyond the table: a loss's cost over plain log-probs of the same backend, and
+    how peak memory moves with the number of negatives at a fixed token count."""
+    ok = [r for r in results if r.status == "ok"]
+    lines = []
+    for r in ok:
+        c = r.case
+        if c["kind"] == "logprobs":
+            continue
+        size = (c["tokens"], c["hidden"], c["vocab"], c["dtype"])
+        base = next((b for b in ok if b.impl == r.impl and b.case["kind"] == "logprobs"
+                     and (b.case["tokens"], b.case["hidden"], b.case["vocab"], b.case["dtype"]) == size), None)
+        if base is not None and r.impl != "reference":
+            lines.append(f"- {r.impl}: {c['name']} takes {r.full_ms / base.full_ms:.3f}× the time of its plain "
+                         f"log-probs on the same tokens (N={c['tokens']})")
+    by_impl = {}
+    for r in ok:
+        if r.case["kind"] != "logprobs" and r.peak_bytes:
+            by_impl.setdefault((r.impl, r.case["tokens"], r.case["hidden"], r.case["vocab"]), []).append(r)
+    for (impl, tokens, *_), rows in by_impl.items():
+        if len(rows) > 1:
+            sizes = ", ".join(f"{r.case['name']} {r.peak_bytes / 2**20:.1f} MiB" for r in rows)
+            lines.append(f"- {impl}: peak memory above inputs at N={tokens}: {sizes}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     preset = dict(PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")])
-    for key in ("tokens", "hidden", "vocab", "dtype", "repeats", "warmup"):
+    for key in ("tokens", "hidden", "vocab", "dtype", "repeats", "warmup", "cases"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     env = environment(device)
     print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
     results = []
-    for tokens in preset["tokens"]:
-        for hidden in preset["hidden"]:
-            for vocab in preset["vocab"]:
-                case = Case(tokens=tokens, hidden=hidden, vocab=vocab, dtype=preset["dtype"])
-                print(f"case N={tokens} D={hidden} V={vocab} {preset['dtype']}:", flush=True)
-                results += run_case(case, device, args.impls, warmup=preset["warmup"], repeats=preset["repeats"],
-                                    memory=not args.no_memory, progress=lambda msg: print(msg, flush=True))
-    table = markdown_table(results)
+    for name in preset["cases"]:
+        for tokens in preset["tokens"]:
+            for hidden in preset["hidden"]:
+                for vocab in preset["vocab"]:
+                    case = Case.parse(name, tokens=tokens, hidden=hidden, vocab=vocab, dtype=preset["dtype"])
+                    print(f"case {case.name} N={tokens} D={hidden} V={vocab} {preset['dtype']} "
+                          f"({case.num_seqs} sequences):", flush=True)
+                    results += run_case(case, device, args.impls, warmup=preset["warmup"],
+                                        repeats=preset["repeats"], memory=not args.no_memory,
+                                        progress=lambda msg: print(msg, flush=True))
+    table = markdown_table(results) + "\n\n" + summary(results)
     conditions = (
         f"{env['device']}; torch {env['torch']}, triton {env['triton']}; commit {env['commit']}; {env['date']}; "
-        f"median of {preset['repeats']} after {preset['warmup']} warm-up; forward + backward of per-sequence sums "
-        "(8 sequences) w.r.t. hidden and weight; memory = peak above inputs."
+        f"median of {preset['repeats']} after {preset['warmup']} warm-up; forward + backward w.r.t. hidden and "
+        "weight of the case's output (logprobs: per-sequence sums of 8 sequences under a random upstream gradient; "
+        "dpo/epa: the scalar loss; their reference is materialised log-probs + preference_loss); memory = peak "
+        "above inputs, gradients included."
     )
     print("\n" + table + "\n\n" + conditions)
     os.makedirs(args.out, exist_ok=True)
