@@ -19,7 +19,7 @@ from torch import nn
 from epa_kernels import distributed
 from epa_kernels._validation import check_choice, check_linear_inputs
 from epa_kernels.dispatch import resolve_backend
-from epa_kernels.logprobs import check_logit_options, linear_logprobs, prepare_tokens
+from epa_kernels.logprobs import check_logit_options, linear_logprobs, prepare_tokens, sequence_sums
 from epa_kernels.losses import LOSSES, preference_loss
 
 SEQUENCE_REDUCTIONS = ("sum", "mean")
@@ -32,7 +32,7 @@ class FusedLinearPreferenceFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, seq_ids, token_scale, num_seqs, kernels, temperature, softcap,
                 loss_fn, process_group, outputs):
         logp, lse, _ = kernels.forward(hidden, weight, bias, targets, temperature=temperature, softcap=softcap)
-        seq_logps = logp.new_zeros(num_seqs).index_add_(0, seq_ids, logp * token_scale)
+        seq_logps = sequence_sums(logp * token_scale, seq_ids, num_seqs)  # float64 through the group loss
         start = 0
         if process_group is not None:
             counts = distributed.sequence_counts(num_seqs, seq_logps.device, process_group)
@@ -42,11 +42,11 @@ class FusedLinearPreferenceFunction(torch.autograd.Function):
             leaf = seq_logps.detach().requires_grad_()
             loss, metrics = loss_fn(leaf)
             (grad_seq,) = torch.autograd.grad(loss, leaf)
-        outputs["metrics"], outputs["seq_logps"] = metrics, seq_logps[start : start + num_seqs]
+        outputs["metrics"], outputs["seq_logps"] = metrics, seq_logps[start : start + num_seqs].float()
         ctx.save_for_backward(hidden, weight, bias, targets, lse, seq_ids, token_scale, grad_seq)
         ctx.kernels, ctx.temperature, ctx.softcap = kernels, temperature, softcap
         ctx.process_group, ctx.start, ctx.num_seqs = process_group, start, num_seqs
-        return loss.detach()
+        return loss.detach().float()
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -55,7 +55,7 @@ class FusedLinearPreferenceFunction(torch.autograd.Function):
         if ctx.process_group is not None:  # every rank's loss may depend on this rank's sequences
             dist.all_reduce(grad_seq, op=dist.ReduceOp.SUM, group=ctx.process_group)
         grad_seq = grad_seq[ctx.start : ctx.start + ctx.num_seqs]
-        coef_a = (grad_seq[seq_ids] * token_scale).contiguous()
+        coef_a = (grad_seq[seq_ids] * token_scale).float().contiguous()
         d_hidden, d_weight, d_bias = ctx.kernels.backward(
             hidden, weight, bias, targets, lse, coef_a, -coef_a, None,
             temperature=ctx.temperature, softcap=ctx.softcap, need_hidden=ctx.needs_input_grad[0],

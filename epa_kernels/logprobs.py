@@ -99,6 +99,12 @@ def prepare_tokens(hidden, targets, layout, ignore_index) -> Tokens:
     return Tokens(flat_hidden[index].contiguous(), flat_targets[index], layout.seq_ids[index], index)
 
 
+def sequence_sums(values, seq_ids, num_seqs):
+    """Per-sequence sums [S] in float64: a sequential fp32 sum of hundreds of log-probs near −10 loses ~1e-2,
+    which differences of sequence log-probs (every preference loss) would expose."""
+    return torch.zeros(num_seqs, dtype=torch.float64, device=values.device).index_add(0, seq_ids, values.double())
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -152,10 +158,11 @@ def linear_logprobs(
     if reduction == "none":
         logps = per_token(logp)
     else:
-        logps = logp.new_zeros(layout.num_seqs).index_add(0, seq_ids, logp)
+        logps = sequence_sums(logp, seq_ids, layout.num_seqs)
         if reduction == "mean":
             counts = torch.bincount(seq_ids, minlength=layout.num_seqs).clamp_(min=1)
             logps = logps / counts
+        logps = logps.float()
     if not (return_lse or return_entropy):
         return logps
     return LogProbs(logps, per_token(lse) if return_lse else None, per_token(entropy) if return_entropy else None)

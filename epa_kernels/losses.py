@@ -24,7 +24,7 @@ _MASKED = -1e30  # exp(_MASKED − anything finite) == 0 in fp32, without -inf a
 class GroupedRewards:
     """Rewards of every group and what each column is. All [P, G] unless noted."""
 
-    rewards: torch.Tensor  # fp32, _MASKED at padding
+    rewards: torch.Tensor  # at least fp32, _MASKED at padding
     mask: torch.Tensor  # bool, real entries
     log_weight: torch.Tensor  # log of each e^r's multiplier, _MASKED at padding or zero weight
     strong: torch.Tensor  # bool, strong negatives
@@ -122,7 +122,7 @@ def _check_per_group(name, value, shape, device):
         raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but groups is on {device}")
-    return value.detach().float()
+    return value.detach()
 
 
 def group_rewards(policy_logps, ref_logps, groups, *, loss="epa", beta=0.1, num_strong=None, weak_weight=1.0,
@@ -178,23 +178,24 @@ def group_rewards(policy_logps, ref_logps, groups, *, loss="epa", beta=0.1, num_
         row = int((~strong.any(1)).nonzero()[0])
         raise ValueError(f"groups row {row} has no strong negative, which loss='sdpo' needs")
 
-    logps = policy_logps.float()
-    rewards = beta * (logps - ref_logps.float()) if ref_logps is not None else beta * logps
+    dtype = torch.promote_types(policy_logps.dtype, torch.float32)  # never below fp32; fp64 stays fp64
+    logps = policy_logps.to(dtype)
+    rewards = beta * (logps - ref_logps.to(dtype)) if ref_logps is not None else beta * logps
     rewards = torch.where(mask, rewards[groups.clamp(min=0).long()], _MASKED)
     multiplier = torch.where(column == 0, positive_weight, torch.where(column > num_strong, weak_weight, 1.0))
-    multiplier = multiplier.expand(num_prompts, size) * (weights if weights is not None else 1.0)
+    multiplier = multiplier.to(dtype).expand(num_prompts, size) * (weights.to(dtype) if weights is not None else 1.0)
     usable = mask & (multiplier > 0)
     log_weight = torch.where(usable, multiplier.clamp(min=1e-30).log(), _MASKED)
 
     targets = None
     if loss in ("infonca", "nca"):
         if scores is None:  # NCA without scores: all the label mass on the positive
-            targets = (column == 0).float().expand(num_prompts, size)
+            targets = (column == 0).to(dtype).expand(num_prompts, size)
         else:
-            logits = torch.where(mask, scores / score_temperature, -math.inf)
+            logits = torch.where(mask, scores.to(dtype) / score_temperature, -math.inf)
             if not bool(torch.isfinite(logits.amax(1)).all()):
                 raise ValueError("scores must have a finite value for at least one response of every group")
-            targets = torch.where(mask, torch.softmax(logits, dim=1), 0.0)
+            targets = torch.where(mask, torch.softmax(logits, dim=1), 0.0).to(dtype)
     return GroupedRewards(rewards, mask, log_weight, strong, weak, beta, margin, label_smoothing, targets)
 
 

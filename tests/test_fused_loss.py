@@ -195,3 +195,27 @@ def test_bad_input_fails_before_the_kernels(overrides, error, text, monkeypatch)
     with pytest.raises(error) as info:
         fused_linear_preference_loss(batch["hidden"], batch["weight"], batch["targets"], groups, **kwargs)
     assert text in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_long_sequences_keep_precision(backend):
+    """Sequence log-probs near −3000 whose differences drive the loss: summed in float64, so DPO on 512-token
+    responses stays within 2× the materialised fp32 reference's error (a sequential fp32 sum fails this)."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    vocab, dim, length = 256, 16, 512
+    hidden = torch.randn(4 * length, dim, generator=gen).to(DEVICE).requires_grad_()
+    weight = (torch.randn(vocab, dim, generator=gen) / dim**0.5).to(DEVICE).requires_grad_()
+    targets = torch.randint(0, vocab, (4 * length,), generator=gen).to(DEVICE)
+    cu_seqlens = torch.arange(0, 5 * length, length, device=DEVICE)
+    groups = torch.tensor([[0, 1], [2, 3]], device=DEVICE)
+    with torch.no_grad():  # a reference close to the policy, so rewards are differences of large numbers
+        ref_logps = reference.linear_logprobs(hidden, weight, targets, cu_seqlens=cu_seqlens)
+        ref_logps += torch.randn(4, generator=gen).to(DEVICE)
+    loss, _ = fused_linear_preference_loss(hidden, weight, targets, groups, cu_seqlens=cu_seqlens,
+                                           ref_logps=ref_logps, loss="dpo", beta=1.0, backend=backend)
+    fp32 = preference_loss(reference.linear_logprobs(hidden, weight, targets, cu_seqlens=cu_seqlens), ref_logps,
+                           groups, loss="dpo", beta=1.0)[0]
+    h64, w64 = hidden.detach().double().cpu(), weight.detach().double().cpu()
+    truth = preference_loss(reference.linear_logprobs(h64, w64, targets.cpu(), cu_seqlens=cu_seqlens.cpu()),
+                            ref_logps.double().cpu(), groups.cpu(), loss="dpo", beta=1.0)[0]
+    assert_matches_reference("loss", loss.reshape(1), fp32.reshape(1), truth.reshape(1))

@@ -85,9 +85,9 @@ def compare(name, policy, ref, groups, num_strong, **kwargs):
     expected = direct_loss(name, policy, ref, groups, num_strong, **direct_kwargs)
     (grad,) = torch.autograd.grad(loss, policy)
     (expected_grad,) = torch.autograd.grad(expected, policy)
-    torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
-    assert loss.dtype == torch.float32 and all(not v.requires_grad for v in metrics.values())
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)  # float64 in, float64 throughout
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+    assert loss.dtype == torch.float64 and all(not v.requires_grad for v in metrics.values())
     return loss, metrics
 
 
