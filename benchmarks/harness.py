@@ -27,7 +27,6 @@ import torch
 import epa_kernels
 from epa_kernels import fused_linear_preference_loss, make_groups, preference_loss, reference
 
-
 CASE_PATTERN = re.compile(r"^(logprobs|dpo|epa-1\+(\d+)(?:\+(\d+))?)$")
 
 

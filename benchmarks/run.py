@@ -61,8 +61,9 @@ def markdown_table(results) -> str:
         c = r.case
         peak = None if r.peak_bytes is None else r.peak_bytes / 2**20
         lines.append(
-            f"| {c['name']} | {r.impl} | {c['tokens']} | {c['hidden']} | {c['vocab']} | {c['dtype']} | {fmt(r.forward_ms, '.1f')} "
-            f"| {fmt(r.backward_ms, '.1f')} | {fmt(r.full_ms, '.1f')} | {fmt(r.ratios.get('time'), '.2f')} "
+            f"| {c['name']} | {r.impl} | {c['tokens']} | {c['hidden']} | {c['vocab']} | {c['dtype']} "
+            f"| {fmt(r.forward_ms, '.1f')} | {fmt(r.backward_ms, '.1f')} | {fmt(r.full_ms, '.1f')} "
+            f"| {fmt(r.ratios.get('time'), '.2f')} "
             f"| {fmt(peak, '.1f')} | {fmt(r.ratios.get('memory'), '.3f')} | {fmt(r.tflops, '.3f')} "
             f"| {fmt(r.error, '.1e')} | {r.status} |"
         )

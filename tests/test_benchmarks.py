@@ -8,8 +8,9 @@ from benchmarks import harness, run
 
 def test_tiny_run_end_to_end(tmp_path):
     results = run.main(["--device", "cpu", "--tokens", "256", "--hidden", "16", "--vocab", "2000", "--repeats", "2",
-                        "--warmup", "1", "--impls", "reference", "torch", "native", "triton", "--out", str(tmp_path)])
-    by_impl = {r.impl: r for r in results}
+                        "--warmup", "1", "--impls", "reference", "torch", "native", "triton", "--cases", "logprobs", "epa-1+2+3",
+                        "--out", str(tmp_path)])
+    by_impl = {r.impl: r for r in results if r.case["kind"] == "logprobs"}
     assert by_impl["reference"].status == "ok" and by_impl["reference"].ratios["time"] == 1.0
     # Its logits at least (2 MiB: CPU resident-set counters are updated in steps of ~64 pages).
     assert by_impl["reference"].peak_bytes >= 256 * 2000 * 4
@@ -17,15 +18,19 @@ def test_tiny_run_end_to_end(tmp_path):
     assert by_impl["triton"].status.startswith("skipped")  # CPU tensors: no timing of the interpreter
     saved = json.loads((tmp_path / "results.json").read_text())
     assert {"device", "torch", "date", "commit"} <= set(saved["environment"])
-    assert len(saved["results"]) == 4
-    assert "| torch |" in (tmp_path / "results.md").read_text()
+    assert len(saved["results"]) == 8
+    losses = [r for r in results if r.case["kind"] == "epa"]
+    assert all(r.status == "ok" for r in losses if r.impl in ("reference", "torch"))
+    assert losses[0].case["num_seqs"] == 6 * 1  # 8 sequences hold one prompt of 1+2+3
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| epa-1+2+3 | torch |" in markdown and "takes" in markdown  # the loss-vs-logprobs summary
 
 
 def test_wrong_implementation_is_reported_as_wrong(monkeypatch):
     real = harness.implementations
 
-    def with_a_wrong_one(device):
-        impls = real(device)
+    def with_a_wrong_one(device, case):
+        impls = real(device, case)
         impls["wrong"] = lambda h, w, t, cu: impls["reference"](h, w, t, cu) * 1.01
         return impls
 
