@@ -20,19 +20,39 @@ from dataclasses import asdict
 import torch
 
 from benchmarks.harness import Case, environment, run_case
+from benchmarks.plots import write_plots
 
+# A preset is a list of grids; each grid is the product of its cases, tokens, hidden sizes and vocabularies.
 PRESETS = {
-    "cpu": {"tokens": [2048], "hidden": [512], "vocab": [32000], "dtype": "float32", "repeats": 3, "warmup": 1,
-            "cases": ["logprobs", "dpo", "epa-1+3+60"]},
-    "gpu": {"tokens": [8192], "hidden": [4096], "vocab": [128256], "dtype": "bfloat16", "repeats": 20, "warmup": 5,
-            "cases": ["logprobs", "dpo", "epa-1+3", "epa-1+3+4", "epa-1+3+16", "epa-1+3+60"]},
+    "cpu": {
+        "dtype": "float32", "repeats": 3, "warmup": 1,
+        "grids": [
+            {"cases": ["logprobs", "dpo"], "tokens": [512, 1024], "hidden": [512], "vocab": [32000]},
+            {"cases": ["epa-1+3+60"], "tokens": [1024], "hidden": [512], "vocab": [32000]},
+        ],
+    },
+    "gpu": {
+        "dtype": "bfloat16", "repeats": 20, "warmup": 5,
+        "grids": [
+            # time and memory vs tokens
+            {"cases": ["logprobs", "dpo"], "tokens": [1024, 2048, 4096, 8192, 16384, 32768, 65536],
+             "hidden": [4096], "vocab": [128256]},
+            # vocabulary and hidden size at the reference size
+            {"cases": ["logprobs"], "tokens": [8192], "hidden": [4096], "vocab": [32000, 256000]},
+            {"cases": ["logprobs"], "tokens": [8192], "hidden": [2048], "vocab": [128256]},
+            # memory vs negatives per prompt at a fixed token count
+            {"cases": ["epa-1+3", "epa-1+3+4", "epa-1+3+16", "epa-1+3+60"], "tokens": [8192], "hidden": [4096],
+             "vocab": [128256]},
+        ],
+    },
 }
 IMPLS = ["reference", "triton", "native", "torch"]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu on CUDA, cpu otherwise")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu on CUDA, cpu otherwise; size "
+                        "options below replace the preset's grids with one grid")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--cases", nargs="+", help="logprobs, dpo, epa-1+K, epa-1+K+W (default: the preset's)")
     parser.add_argument("--impls", nargs="+", default=IMPLS, help=f"implementations (default: {' '.join(IMPLS)})")
@@ -99,27 +119,35 @@ def summary(results) -> str:
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    preset = dict(PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")])
-    for key in ("tokens", "hidden", "vocab", "dtype", "repeats", "warmup", "cases"):
-        if getattr(args, key) is not None:
-            preset[key] = getattr(args, key)
+    preset = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
+    settings = {key: getattr(args, key) if getattr(args, key) is not None else preset[key]
+                for key in ("dtype", "repeats", "warmup")}
+    grids = preset["grids"]
+    overrides = {key: getattr(args, key) for key in ("cases", "tokens", "hidden", "vocab") if getattr(args, key)}
+    if overrides:  # command-line sizes replace the preset's grids with one grid
+        base = grids[0]
+        grids = [{key: overrides.get(key, base[key]) for key in ("cases", "tokens", "hidden", "vocab")}]
+    cases = []
+    for grid in grids:
+        for name in grid["cases"]:
+            for tokens in grid["tokens"]:
+                for hidden in grid["hidden"]:
+                    for vocab in grid["vocab"]:
+                        case = Case.parse(name, tokens=tokens, hidden=hidden, vocab=vocab, dtype=settings["dtype"])
+                        if case not in cases:
+                            cases.append(case)
     env = environment(device)
     print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
     results = []
-    for name in preset["cases"]:
-        for tokens in preset["tokens"]:
-            for hidden in preset["hidden"]:
-                for vocab in preset["vocab"]:
-                    case = Case.parse(name, tokens=tokens, hidden=hidden, vocab=vocab, dtype=preset["dtype"])
-                    print(f"case {case.name} N={tokens} D={hidden} V={vocab} {preset['dtype']} "
-                          f"({case.num_seqs} sequences):", flush=True)
-                    results += run_case(case, device, args.impls, warmup=preset["warmup"],
-                                        repeats=preset["repeats"], memory=not args.no_memory,
-                                        progress=lambda msg: print(msg, flush=True))
+    for i, case in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] case {case.name} N={case.tokens} D={case.hidden} V={case.vocab} {case.dtype} "
+              f"({case.num_seqs} sequences):", flush=True)
+        results += run_case(case, device, args.impls, warmup=settings["warmup"], repeats=settings["repeats"],
+                            memory=not args.no_memory, progress=lambda msg: print(msg, flush=True))
     table = markdown_table(results) + "\n\n" + summary(results)
     conditions = (
         f"{env['device']}; torch {env['torch']}, triton {env['triton']}; commit {env['commit']}; {env['date']}; "
-        f"median of {preset['repeats']} after {preset['warmup']} warm-up; forward + backward w.r.t. hidden and "
+        f"median of {settings['repeats']} after {settings['warmup']} warm-up; forward + backward w.r.t. hidden and "
         "weight of the case's output (logprobs: per-sequence sums of 8 sequences under a random upstream gradient; "
         "dpo/epa: the scalar loss; their reference is materialised log-probs + preference_loss); memory = peak "
         "above inputs, gradients included."
@@ -127,10 +155,16 @@ def main(argv=None):
     print("\n" + table + "\n\n" + conditions)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as out:
-        json.dump({"environment": env, "preset": preset, "results": [asdict(r) for r in results]}, out, indent=2)
+        json.dump({"environment": env, "settings": settings, "results": [asdict(r) for r in results]}, out, indent=2)
     with open(os.path.join(args.out, "results.md"), "w") as out:
         out.write(table + "\n\n" + conditions + "\n")
-    print(f"\nwrote {args.out}/results.json and {args.out}/results.md")
+    try:
+        plots = write_plots(results, args.out, env["device"])
+    except ImportError:
+        plots = []
+        print("plots skipped: matplotlib is not installed (pip install -e '.[bench]')")
+    print(f"\nwrote {', '.join(os.path.join(args.out, f) for f in ('results.json', 'results.md'))}"
+          + "".join(f", {p}" for p in plots))
     return results
 
 
