@@ -1,5 +1,6 @@
 # make test   — install what the tests need (CPU torch wheel, triton, pytest), build the C++ backend, run pytest
 # make bench  — install the benchmark extras and run the main benchmark on the local device
+# make bench-pytest — the same cases as pytest-benchmark regression benchmarks
 # make lint   — ruff
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
@@ -32,6 +33,10 @@ test: $(STAMPS)/install-test
 
 bench: $(STAMPS)/install-bench
 	$(PYTHON) -m benchmarks.run $(BENCH_ARGS)
+
+# Regression benchmarks of the same cases; results saved for `pytest-benchmark compare`.
+bench-pytest: $(STAMPS)/install-bench
+	$(PYTHON) -m pytest benchmarks -p no:cacheprovider --benchmark-only --benchmark-autosave $(PYTEST_ARGS)
 
 lint:
 	$(PIP) install -q ruff

@@ -138,7 +138,8 @@ def implementations(device: torch.device, case: Case) -> dict[str, Callable | st
         if usable:
             impls[name] = functools.partial(fused_fn, backend=name)
         else:
-            reason = info.detail if not info.available else f"not for {device.type} tensors"
+            reason = info.detail if not info.available else (
+                f"needs CUDA tensors (device: {device.type})" if name == "triton" else "runs on CPU tensors only")
             impls[name] = f"skipped: {reason}"
     return impls
 
