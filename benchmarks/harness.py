@@ -2,8 +2,9 @@
 
 Time: median over repeats after warm-up; CUDA events on GPU, perf_counter on CPU. Memory: on CUDA,
 the allocator's peak above what was allocated before the pass; on CPU, the process's peak resident
-set above the resident set before the pass, measured in a fresh subprocess whose glibc returns large
-blocks to the OS (MALLOC_MMAP_THRESHOLD_), so memory freed by one pass cannot hide the next one's.
+set above the resident set before the pass, in a process whose glibc returns every large block to
+the OS (CPU_MEMORY_ENV), so memory freed by one pass cannot hide the next one's: the benchmark
+re-executes itself with it, anything else measures in a subprocess started with it.
 Every implementation's log-probs and gradients are compared with the reference first: a wrong result
 is reported as wrong, not timed as fast.
 """
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import epa_kernels
+from benchmarks.peers import peer_implementations
 from epa_kernels import fused_linear_preference_loss, make_groups, preference_loss, reference
 
 CASE_PATTERN = re.compile(r"^(logprobs|dpo|epa-1\+(\d+)(?:\+(\d+))?)$")
@@ -107,11 +109,14 @@ class Case:
         return groups, ref_logps, options
 
 
-def implementations(device: torch.device, case: Case) -> dict[str, Callable | str]:
+def implementations(device: torch.device, case: Case, names=None) -> dict[str, Callable | str]:
     """name → fn(hidden, weight, targets, cu_seqlens) → the case's output, or a reason it is skipped.
 
+    names: only these peers are set up (the reference and our backends always are: they are cheap).
+
     The reference materialises the logits (and, for loss cases, applies `preference_loss` to its
-    per-sequence log-probs: the unfused path); the others are the fused backends.
+    per-sequence log-probs: the unfused path); then come our fused backends and the peers
+    (`benchmarks/peers.py`: Liger-Kernel, Cut Cross-Entropy, TRL, the reference under torch.compile).
     """
     if case.kind == "logprobs":
         def reference_fn(h, w, t, cu):
@@ -141,6 +146,7 @@ def implementations(device: torch.device, case: Case) -> dict[str, Callable | st
             reason = info.detail if not info.available else (
                 f"needs CUDA tensors (device: {device.type})" if name == "triton" else "runs on CPU tensors only")
             impls[name] = f"skipped: {reason}"
+    impls.update(peer_implementations(device, case, names))
     return impls
 
 
@@ -195,11 +201,18 @@ def _proc_status() -> dict[str, int]:
     return values
 
 
-def measure_peak_memory_here(name: str, case: Case, device: torch.device) -> int:
-    """Peak bytes above the inputs during one full pass, measured in this process."""
-    inputs = case.inputs(device)
-    fn = implementations(device, case)[name]
-    full_pass(fn, *inputs)  # warm-up: lazy initialisation is not the pass's memory
+# glibc settings under which every block of 64 KiB or more is its own mapping, returned to the OS when
+# freed: the resident set then tracks live memory, and one pass's frees cannot hide the next one's peak.
+CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def cpu_memory_exact() -> bool:
+    """Whether this process started under CPU_MEMORY_ENV (`python -m benchmarks.run` re-executes itself so)."""
+    return all(os.environ.get(key) == value for key, value in CPU_MEMORY_ENV.items())
+
+
+def peak_memory(fn, inputs, device: torch.device) -> int:
+    """Peak bytes above the inputs during one full pass of an already warmed-up implementation."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -217,13 +230,20 @@ def measure_peak_memory_here(name: str, case: Case, device: torch.device) -> int
     return peak
 
 
+def measure_peak_memory_here(name: str, case: Case, device: torch.device) -> int:
+    """Set up `name` on fresh inputs, warm it up (lazy initialisation is not the pass's memory), measure."""
+    inputs = case.inputs(device)
+    fn = implementations(device, case, {name})[name]
+    full_pass(fn, *inputs)
+    return peak_memory(fn, inputs, device)
+
+
 def measure_peak_memory(name: str, case: Case, device: torch.device) -> int | None:
-    """On CPU in a fresh subprocess (see the module docstring); on CUDA in this process."""
-    if device.type == "cuda":
+    """In this process on CUDA or under CPU_MEMORY_ENV; otherwise in a fresh subprocess started with it."""
+    if device.type == "cuda" or cpu_memory_exact():
         return measure_peak_memory_here(name, case, device)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [sys.executable, "-m", "benchmarks.harness", name, json.dumps(asdict(case)), str(device)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(cmd, env={**os.environ, **CPU_MEMORY_ENV}, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         print(f"memory measurement of {name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -257,7 +277,7 @@ def run_case(case: Case, device: torch.device, names, *, warmup: int, repeats: i
              progress=print) -> list[Result]:
     """Check, time and measure each implementation on one case; ratios are against the reference."""
     described = {**asdict(case), "name": case.name, "num_seqs": case.num_seqs}
-    impls = implementations(device, case)
+    impls = implementations(device, case, set(names))
     inputs = case.inputs(device)
     expected = None
     results = []
@@ -281,7 +301,12 @@ def run_case(case: Case, device: torch.device, names, *, warmup: int, repeats: i
         except Exception as exc:  # a broken implementation is reported, the run goes on
             results.append(Result(name, described, f"failed: {type(exc).__name__}: {exc}"))
             continue
-        peak = measure_peak_memory(name, case, device) if memory else None
+        if not memory:
+            peak = None
+        elif device.type == "cuda" or cpu_memory_exact():
+            peak = peak_memory(impl, inputs, device)  # warmed up by the timing runs
+        else:
+            peak = measure_peak_memory(name, case, device)
         tflops = case.flops / (timing["full_ms"] * 1e-3) / 1e12
         results.append(Result(name, described, "ok", peak_bytes=peak, tflops=tflops, error=error, **timing))
     base = next((r for r in results if r.impl == "reference" and r.status == "ok"), None)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import asdict
 
 import torch
 
-from benchmarks.harness import Case, environment, run_case
+from benchmarks.harness import CPU_MEMORY_ENV, Case, cpu_memory_exact, environment, run_case
 from benchmarks.plots import write_plots
 
 # A preset is a list of grids; each grid is the product of its cases, tokens, hidden sizes and vocabularies.
@@ -46,7 +47,7 @@ PRESETS = {
         ],
     },
 }
-IMPLS = ["reference", "triton", "native", "torch"]
+IMPLS = ["reference", "reference-compile", "triton", "native", "torch", "liger", "cce", "cce-torch-compile", "trl"]
 
 
 def parse_args(argv=None):
@@ -169,4 +170,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if not cpu_memory_exact():  # restart under the allocator settings that make CPU memory exact
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:]],
+                  {**os.environ, **CPU_MEMORY_ENV})
     main()

@@ -8,8 +8,8 @@ from benchmarks import harness, run
 
 def test_tiny_run_end_to_end(tmp_path):
     results = run.main(["--device", "cpu", "--tokens", "256", "--hidden", "16", "--vocab", "2000", "--repeats", "2",
-                        "--warmup", "1", "--impls", "reference", "torch", "native", "triton", "--cases", "logprobs", "epa-1+2+3",
-                        "--out", str(tmp_path)])
+                        "--warmup", "1", "--impls", "reference", "torch", "native", "triton",
+                        "--cases", "logprobs", "epa-1+2+3", "--out", str(tmp_path)])
     by_impl = {r.impl: r for r in results if r.case["kind"] == "logprobs"}
     assert by_impl["reference"].status == "ok" and by_impl["reference"].ratios["time"] == 1.0
     # Its logits at least (2 MiB: CPU resident-set counters are updated in steps of ~64 pages).
@@ -29,8 +29,8 @@ def test_tiny_run_end_to_end(tmp_path):
 def test_wrong_implementation_is_reported_as_wrong(monkeypatch):
     real = harness.implementations
 
-    def with_a_wrong_one(device, case):
-        impls = real(device, case)
+    def with_a_wrong_one(device, case, names=None):
+        impls = real(device, case, names)
         impls["wrong"] = lambda h, w, t, cu: impls["reference"](h, w, t, cu) * 1.01
         return impls
 
