@@ -1,8 +1,16 @@
-"""PNG plots of a benchmark run: time and memory vs tokens per implementation, memory vs negatives per prompt."""
+"""PNG plots of a benchmark run: time and memory vs tokens per implementation, memory vs negatives per prompt.
+
+    python -m benchmarks.plots bench-out/results.json     # re-plot a recorded run next to its JSON
+"""
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections import defaultdict
+
+# One colour per implementation in every panel and every plot.
+_ORDER = ["reference", "reference-compile", "triton", "native", "torch", "liger", "cce", "cce-torch-compile", "trl"]
 
 
 def _case_panel(r):
@@ -43,7 +51,8 @@ def _plot(series, path, *, xlabel, ylabel, title, logx=True):
             if p != panel:
                 continue
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", label=impl)
+            index = _ORDER.index(impl) if impl in _ORDER else len(_ORDER) + sorted(series).index((p, impl))
+            ax.plot(xs, ys, marker="o", label=impl, color=plt.get_cmap("tab10")(index % 10))
         if logx:
             ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -76,9 +85,22 @@ def write_plots(results, out_dir: str, device_name: str) -> list[str]:
         results, lambda r: r.case["strong"] + r.case["weak"], lambda r: r.peak_bytes and r.peak_bytes / 2**20,
         keep=lambda r: r.case["kind"] in ("dpo", "epa"), panel_of=_size_panel,
     )
+    swept = {panel for (panel, _), points in negatives.items() if len(points) > 1}
+    negatives = {key: points for key, points in negatives.items() if key[0] in swept}
     if any(len(points) > 1 for points in negatives.values()):
         path = _plot(negatives, os.path.join(out_dir, "memory_vs_negatives.png"), xlabel="negatives per prompt",
                      ylabel="peak above inputs (MiB)", title=f"memory vs negatives per prompt — {device_name}")
         if path:
             written.append(path)
     return written
+
+
+if __name__ == "__main__":
+    from benchmarks.harness import Result
+
+    path = sys.argv[1]
+    with open(path) as recorded:
+        run = json.load(recorded)
+    results = [Result(**r) for r in run["results"]]
+    written = write_plots(results, os.path.dirname(path) or ".", run["environment"]["device"])
+    print("wrote " + ", ".join(written))
