@@ -97,13 +97,19 @@ def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_m, offs_v, mask_m, mask_
     return z
 
 
-@triton.heuristics({
+# Compile-time flags both kernels derive from their arguments (the logits tile is shared).
+_TILE_HEURISTICS = {
     "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
     "HAS_SOFTCAP": lambda args: args["softcap"] is not None,
-    "HAS_ENTROPY": lambda args: args["part_ez_ptr"] is not None,
     "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
     "DOT_PRECISION": lambda args: _dot_precision(args["hidden_ptr"].dtype),
     "UPCAST_DOT": lambda args: _INTERPRET and args["hidden_ptr"].dtype == torch.bfloat16,
+}
+
+
+@triton.heuristics({
+    **_TILE_HEURISTICS,
+    "HAS_ENTROPY": lambda args: args["part_ez_ptr"] is not None,
 })
 @triton.jit
 def _forward_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
@@ -152,16 +158,12 @@ def _forward_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
 
 
 @triton.heuristics({
-    "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
-    "HAS_SOFTCAP": lambda args: args["softcap"] is not None,
+    **_TILE_HEURISTICS,
     "HAS_COEF_C": lambda args: args["coef_c_ptr"] is not None,
     "HAS_FILTER": lambda args: args["filter_eps"] is not None,
     "NEED_HIDDEN": lambda args: args["d_hidden_ptr"] is not None,
     "NEED_WEIGHT": lambda args: args["d_weight_ptr"] is not None,
     "NEED_BIAS": lambda args: args["d_bias_ptr"] is not None,
-    "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
-    "DOT_PRECISION": lambda args: _dot_precision(args["hidden_ptr"].dtype),
-    "UPCAST_DOT": lambda args: _INTERPRET and args["hidden_ptr"].dtype == torch.bfloat16,
 })
 @triton.jit
 def _backward_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr,
