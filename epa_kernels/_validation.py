@@ -46,13 +46,15 @@ class TokenLayout:
     num_seqs: int
 
 
-def check_linear_inputs(hidden, weight, targets, bias, cu_seqlens, ignore_index) -> TokenLayout:
+def check_linear_inputs(hidden, weight, targets, bias, cu_seqlens, ignore_index, *,
+                        dtypes=FLOAT_DTYPES) -> TokenLayout:
     """Validate the (hidden, weight, targets, bias, cu_seqlens) of an LM-head op; return the layout."""
     check_tensor("hidden", hidden, dims=(2, 3))
     check_tensor("weight", weight, dims=(2,))
     check_tensor("targets", targets)
-    if hidden.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if hidden.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"hidden must be one of {names}; got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}")
     if weight.device != hidden.device:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from epa_kernels._validation import REDUCTIONS, check_choice, check_linear_inputs, check_positive_finite
+from epa_kernels._validation import FLOAT_DTYPES, REDUCTIONS, check_choice, check_linear_inputs, check_positive_finite
 from epa_kernels.logprobs import LogProbs
 
 
@@ -31,11 +31,7 @@ def linear_logprobs(
     Accepts float64 inputs too (the test ground truth). Logits are computed in the input dtype, as a
     model's LM head would, then upcast to at least fp32 for the softmax.
     """
-    if hidden.dtype == torch.float64:  # the validator only admits the fused kernels' dtypes
-        check_linear_inputs(hidden.float(), weight.float(), targets, None if bias is None else bias.float(),
-                            cu_seqlens, ignore_index)
-    else:
-        check_linear_inputs(hidden, weight, targets, bias, cu_seqlens, ignore_index)
+    check_linear_inputs(hidden, weight, targets, bias, cu_seqlens, ignore_index, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_choice("reduction", reduction, REDUCTIONS)
     temperature = check_positive_finite("temperature", temperature)
 
