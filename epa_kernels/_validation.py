@@ -23,8 +23,23 @@ def check_positive_finite(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
+
+
+def check_finite(name: str, value, *, low=None, high=None) -> float:
+    """A finite number in [low, high) (either bound optional)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value >= high):
+        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
+    return float(value)
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+    return value
 
 
 def check_choice(name: str, value, choices) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from epa_kernels._validation import check_choice, check_positive_finite, check_tensor
+from epa_kernels._validation import check_choice, check_finite, check_positive_finite, check_tensor
 from epa_kernels.groups import check_groups
 
 LOSSES = ("epa", "dpo", "ipo", "simpo", "infonca", "nca", "sdpo", "plackett_luce")
@@ -104,14 +104,6 @@ _USES_LABEL_SMOOTHING = ("dpo", "simpo")
 _NEEDS_NEGATIVE = ("dpo", "simpo", "ipo")
 
 
-def _finite(name, value, *, low=None, high=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value >= high):
-        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
-    return float(value)
-
-
 def _check_per_group(name, value, shape, device):
     if value is None:
         return None
@@ -142,9 +134,9 @@ def group_rewards(policy_logps, ref_logps, groups, *, loss="epa", beta=0.1, num_
         if loss == "simpo":
             raise ValueError("loss='simpo' is reference-free: pass ref_logps=None")
     beta = check_positive_finite("beta", beta)
-    margin = _finite("margin", margin)
-    label_smoothing = _finite("label_smoothing", label_smoothing, low=0.0, high=0.5)
-    weak_weight = _finite("weak_weight", weak_weight, low=0.0)
+    margin = check_finite("margin", margin)
+    label_smoothing = check_finite("label_smoothing", label_smoothing, low=0.0, high=0.5)
+    weak_weight = check_finite("weak_weight", weak_weight, low=0.0)
     positive_weight = check_positive_finite("positive_weight", positive_weight)
     score_temperature = check_positive_finite("score_temperature", score_temperature)
     if margin != 0 and loss not in _USES_MARGIN:

@@ -30,9 +30,10 @@ import inspect
 import numpy as np
 import torch
 
+from epa_kernels._validation import check_choice, check_positive_int
 from epa_kernels.active.model import eval_mode, model_device
-from epa_kernels.active.strategies import check_clustering, check_k, cluster_select
-from epa_kernels.active.vap import _normalize, check_batch_size, check_vap_options, progress_bar
+from epa_kernels.active.strategies import CLUSTERINGS, check_k, cluster_select
+from epa_kernels.active.vap import _normalize, check_vap_options, progress_bar
 
 # Largest logit change (in nats) of the central-difference step; error O(LOGIT_STEP²), SNR ∝ LOGIT_STEP / 1e-7.
 LOGIT_STEP = 0.05
@@ -195,8 +196,8 @@ def select_prompts(
         raise ValueError("prompts is empty: nothing to select from")
     check_k(k, len(prompts))
     check_vap_options("pooled", xi, eps, power_iters)
-    check_clustering(clustering)
-    check_batch_size(batch_size)
+    check_choice("clustering", clustering, CLUSTERINGS)
+    check_positive_int("batch_size", batch_size)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(

@@ -13,9 +13,9 @@ from collections.abc import Collection
 import numpy as np
 import torch
 
+from epa_kernels._validation import check_choice, check_positive_int
 from epa_kernels.active.model import classifier_parts, eval_mode, model_device
 from epa_kernels.active.vap import (
-    check_batch_size,
     check_vap_options,
     pool_batches,
     pool_size,
@@ -87,11 +87,6 @@ def cluster_select(vectors, k: int, clustering: str, seed: int) -> np.ndarray:
     return kmeans_nearest_select(vectors, k, seed)
 
 
-def check_clustering(clustering):
-    if clustering not in CLUSTERINGS:
-        raise ValueError(f"clustering must be one of {', '.join(map(repr, CLUSTERINGS))}; got {clustering!r}")
-
-
 # ---------------------------------------------------------------------------------------------------- base
 def unlabeled_indices(n: int, labeled: Collection[int] | None) -> np.ndarray:
     """Sorted pool indices not in `labeled` (validated: integers in [0, n))."""
@@ -149,7 +144,7 @@ class Strategy:
         n = pool_size(pool)
         if n == 0:
             raise ValueError("pool is empty: nothing to select from")
-        check_batch_size(batch_size)
+        check_positive_int("batch_size", batch_size)
         unlabeled = unlabeled_indices(n, labeled)
         check_k(k, len(unlabeled))
         positions = np.asarray(self._select(model, pool, unlabeled, int(k), batch_size=batch_size, seed=seed))
@@ -257,7 +252,7 @@ class VAPAL(Strategy):
                  scale_by_kl: bool = True, clustering: str = "kmeans++", progress: bool = True):
         super().__init__(progress=progress)
         check_vap_options(point, xi, eps, power_iters)
-        check_clustering(clustering)
+        check_choice("clustering", clustering, CLUSTERINGS)
         self.point, self.xi, self.eps, self.power_iters = point, xi, eps, power_iters
         self.scale_by_kl, self.clustering = bool(scale_by_kl), clustering
 

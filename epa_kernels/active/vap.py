@@ -30,12 +30,12 @@ perturbation causes) when `scale_by_kl`.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from epa_kernels._validation import check_choice, check_positive_finite, check_positive_int
 from epa_kernels.active.model import MODEL_INPUT_KEYS, ClassifierParts, classifier_parts, eval_mode, model_device
 
 POINTS = ("pooled", "embeddings")
@@ -236,18 +236,10 @@ def embeddings_vap(parts: ClassifierParts, batch: dict, generator: torch.Generat
 
 # ---------------------------------------------------------------------------------------------------- public
 def check_vap_options(point, xi, eps, power_iters):
-    if point not in POINTS:
-        raise ValueError(f"point must be one of {', '.join(map(repr, POINTS))}; got {point!r}")
-    for name, value in (("xi", xi), ("eps", eps)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
-        raise ValueError(f"power_iters must be an integer ≥ 1, got {power_iters!r}")
-
-
-def check_batch_size(batch_size):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
+    check_choice("point", point, POINTS)
+    check_positive_finite("xi", xi)
+    check_positive_finite("eps", eps)
+    check_positive_int("power_iters", power_iters)
 
 
 def vap_embeddings(
@@ -278,7 +270,7 @@ def vap_embeddings(
     from one CPU generator). Runs on `device` (default: the model's).
     """
     check_vap_options(point, xi, eps, power_iters)
-    check_batch_size(batch_size)
+    check_positive_int("batch_size", batch_size)
     parts = classifier_parts(model)
     n = pool_size(pool)
     rows = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
