@@ -20,7 +20,7 @@ from epa_kernels import distributed
 from epa_kernels._validation import check_choice, check_linear_inputs
 from epa_kernels.dispatch import resolve_backend
 from epa_kernels.logprobs import check_logit_options, linear_logprobs, prepare_tokens, sequence_sums
-from epa_kernels.losses import LOSSES, preference_loss
+from epa_kernels.losses import LOSSES, group_rewards, preference_loss
 
 SEQUENCE_REDUCTIONS = ("sum", "mean")
 
@@ -107,8 +107,8 @@ def fused_linear_preference_loss(hidden, weight, targets, groups, *, bias=None, 
     def loss_fn(policy_logps):
         return preference_loss(policy_logps, ref_logps, groups, loss=loss, **loss_kw)
 
-    if process_group is None:  # validate groups and options before the kernels run
-        loss_fn(torch.zeros(layout.num_seqs, device=hidden.device))
+    if process_group is None:  # validate groups and options before the kernels run (no loss computed)
+        group_rewards(torch.zeros(layout.num_seqs, device=hidden.device), ref_logps, groups, loss=loss, **loss_kw)
 
     tokens = prepare_tokens(hidden, targets, layout, ignore_index)
     counts = torch.bincount(tokens.seq_ids, minlength=layout.num_seqs)
