@@ -327,6 +327,26 @@ def test_select_prompts():
     assert torch.allclose(right, single, atol=1e-4) and torch.allclose(left, single, atol=1e-4)
 
 
+def test_head_math_ignores_a_callers_bf16_autocast(bert):
+    """A training loop may wrap selection in bf16 autocast for encoder speed: the head / VAP / BADGE / LM-head math
+    must still run in fp32 (bf16 matmuls change the KL that ranks examples by ~2%)."""
+    parts = classifier_parts(bert)
+    torch.manual_seed(0)
+    pooled, d = torch.randn(16, 32), torch.randn(16, 32)
+    hidden, lm_head = torch.randn(6, 32), torch.randn(300, 32) / 4
+
+    def compute():
+        logits = parts.logits(pooled)
+        return (logits, *pooled_vap(pooled, parts.head_weight, parts.head_bias, d, xi=1e-3),
+                badge_embeddings(pooled, logits), lm_vap_embeddings(hidden, lm_head, scale_by_kl=True, backend="torch"))
+
+    plain = compute()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = compute()
+    for a, b in zip(plain, inside, strict=True):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 def test_bad_input(bert, pool):
     strategy = make_strategy("vapal", progress=False)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from epa_kernels._validation import check_choice, check_positive_int
-from epa_kernels.active.model import eval_mode, model_device
+from epa_kernels.active.model import autocast_off, eval_mode, model_device
 from epa_kernels.active.strategies import CLUSTERINGS, check_k, cluster_select
 from epa_kernels.active.vap import _normalize, check_vap_options, progress_bar
 
@@ -51,6 +51,7 @@ def _lse_and_gradient(x, weight, bias, backend):
     return out.lse.detach(), gradient
 
 
+@autocast_off
 def lm_vap_embeddings(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,

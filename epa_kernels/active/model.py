@@ -29,6 +29,7 @@ used before any recognition. Example for a custom mean-pooling classifier:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,25 @@ from torch import nn
 
 # The batch keys passed to a model; anything else in a pool (labels, text) is ignored.
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def autocast_off(fn):
+    """Run `fn` with autocast disabled (CPU, and CUDA when present).
+
+    The head and VAP math is written in fp32 on purpose (softmax differences at ξ = 1e-6, KL values that rank
+    examples); a caller's bf16 autocast (e.g. a training loop that wraps selection for encoder speed) would
+    otherwise turn its matmuls into bf16. The encoder forward is outside, so it still autocasts.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast("cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast("cuda", enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -58,8 +78,9 @@ class ClassifierParts:
     embed: Callable[[dict], torch.Tensor] | None = None
     encode_from_embeddings: Callable[[torch.Tensor, dict], torch.Tensor] | None = None
 
+    @autocast_off
     def logits(self, pooled: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [b, C] of pooled representations [b, H]."""
+        """fp32 logits [b, C] of pooled representations [b, H] (fp32 even inside a bf16 autocast)."""
         weight = self.head_weight.float()
         logits = pooled.float() @ weight.t()
         return logits if self.head_bias is None else logits + self.head_bias.float()

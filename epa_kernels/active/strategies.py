@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from epa_kernels._validation import check_choice, check_positive_int
-from epa_kernels.active.model import classifier_parts, eval_mode, model_device
+from epa_kernels.active.model import autocast_off, classifier_parts, eval_mode, model_device
 from epa_kernels.active.vap import (
     check_vap_options,
     pool_batches,
@@ -185,6 +185,7 @@ class Entropy(Strategy):
         return np.argsort(-entropy, kind="stable")[:k]
 
 
+@autocast_off
 def badge_embeddings(pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """BADGE gradient embeddings g = (p − onehot(argmax p)) ⊗ h, [b, C·H] (the last-layer gradient of the
     cross-entropy at the predicted label, up to sign)."""

@@ -36,7 +36,14 @@ import numpy as np
 import torch
 
 from epa_kernels._validation import check_choice, check_positive_finite, check_positive_int
-from epa_kernels.active.model import MODEL_INPUT_KEYS, ClassifierParts, classifier_parts, eval_mode, model_device
+from epa_kernels.active.model import (
+    MODEL_INPUT_KEYS,
+    ClassifierParts,
+    autocast_off,
+    classifier_parts,
+    eval_mode,
+    model_device,
+)
 
 POINTS = ("pooled", "embeddings")
 # Below this |c| the series of expm1(c) − c replaces the subtraction (relative error of the 3-term series < 2e-8).
@@ -116,6 +123,7 @@ def _expm1_minus_identity(c: torch.Tensor) -> torch.Tensor:
     return torch.where(c.abs() < _SERIES_BELOW, series, torch.expm1(c) - c)
 
 
+@autocast_off
 def softmax_shift(logits: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q − p, KL(p ‖ q)) for p = softmax(logits), q = softmax(logits + delta), [b, C] → ([b, C], [b]).
 
@@ -154,6 +162,7 @@ def _normalize(d: torch.Tensor, previous: torch.Tensor | None = None) -> torch.T
     return unit
 
 
+@autocast_off
 def pooled_vap(
     pooled: torch.Tensor,
     head_weight: torch.Tensor,
@@ -202,6 +211,13 @@ def _encoder_jvp(parts: ClassifierParts, embeddings, batch, tangent):
         return (plus.float() - minus.float()) / (2 * step.float().flatten(1))
 
 
+@autocast_off
+def _head_round_trip(tangent, logits, weight, xi):
+    """(q − p, ξ·Wᵀ(q − p)) for q = softmax(z + ξ·W·tangent): the head half of one power-iteration step, fp32."""
+    diff, _ = softmax_shift(logits, xi * (tangent @ weight.t()))
+    return diff, xi * (diff @ weight)
+
+
 def embeddings_vap(parts: ClassifierParts, batch: dict, generator: torch.Generator, *, xi, eps, power_iters):
     """VAP at the token embeddings of one batch: (perturbation averaged over real tokens [b, E], KL [b]).
 
@@ -221,8 +237,7 @@ def embeddings_vap(parts: ClassifierParts, batch: dict, generator: torch.Generat
         logits = parts.logits(pooled.detach())
         for _ in range(power_iters):
             tangent = _encoder_jvp(parts, embeddings, batch, unit.to(embeddings.dtype)).float()
-            diff, _ = softmax_shift(logits, xi * (tangent @ weight.t()))
-            cotangent = xi * (diff @ weight)
+            _, cotangent = _head_round_trip(tangent, logits, weight, xi)
             (gradient,) = torch.autograd.grad(pooled, leaf, cotangent.to(pooled.dtype), retain_graph=True)
             unit = _normalize(gradient.float() * mask, unit)
     del pooled, leaf
