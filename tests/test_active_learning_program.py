@@ -170,8 +170,8 @@ def test_resume_continues_without_recomputing(tiny_model, tiny_csv, tmp_path, st
             old, new = first["curves"][name][seed], second["curves"][name][seed]
             assert [e["labels"] for e in new] == [8, 14, 20, 26]
             for o, n in zip(old, new[:len(old)], strict=True):  # recorded rounds kept as they were (timings included)
-                assert {k: v for k, v in o.items() if k not in ("queried", "query_seconds")} == \
-                       {k: v for k, v in n.items() if k not in ("queried", "query_seconds")}
+                assert {k: v for k, v in o.items() if k not in ("queried", "query_seconds", "seconds")} == \
+                       {k: v for k, v in n.items() if k not in ("queried", "query_seconds", "seconds")}
 
     # an interrupted run resumes at the first missing round
     state = json.loads((out / "curves.json").read_text())
@@ -241,6 +241,10 @@ def test_bad_arguments_give_clear_errors(case, message, tiny_model, tiny_csv, tm
     (["--demo", "--query-size", "0"], "--query-size must be >= 1"),
     (["--demo", "--test-fraction", "1.5"], "--test-fraction must be in (0, 1)"),
     (["--demo", "--strategy-option", "badge.k=1", "--strategies", "random"], "'badge' is not among"),
+    (["--demo", "--lr", "inf"], "--lr must be finite and > 0"),
+    (["--demo", "--lr", "nan"], "--lr must be finite and > 0"),
+    (["--demo", "--weight-decay", "-0.1"], "--weight-decay must be finite and >= 0"),
+    (["--demo", "--weight-decay", "inf"], "--weight-decay must be finite and >= 0"),
 ])
 def test_bad_options_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -282,3 +286,244 @@ def test_demo_data_and_model_load():
     assert enc["input_ids"].shape[1] <= 32
     assert model(**enc).logits.shape == (8, 6)
     assert np.isfinite(model(**enc).logits.detach().numpy()).all()
+
+
+# ------------------------------------------------------------------------------- review fixes (one test each)
+
+
+def _write_csv(path, rows, fields=("text", "label")):
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _args(tiny_model, data, tmp_path, **extra):
+    return al.resolve_args(_argv(tiny_model, data, tmp_path / "out", ["random"], rounds=1, **extra))
+
+
+def test_test_split_of_a_datasetdict(tiny_model, tmp_path, capsys):
+    """--test-data reads --test-split (default test), not --split; the pool's own split as test is refused."""
+    import datasets
+
+    root = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(_rows(60, seed=11)),
+                          "test": datasets.Dataset.from_list(_rows(21, seed=12))}).save_to_disk(str(root))
+    data = al.prepare_data(_args(tiny_model, root, tmp_path, test_data=root))
+    assert len(data.pool_texts) == 60 and len(data.test_texts) == 21
+    assert data.test_texts == [r["text"] for r in _rows(21, seed=12)]
+    capsys.readouterr()
+    assert al.main(_argv(tiny_model, root, tmp_path / "out", ["random"], rounds=1, test_data=root,
+                         test_split="train")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "same data" in err and "--test-split" in err
+    assert not (tmp_path / "out" / "split.json").exists()
+    csv_file = _write_csv(tmp_path / "t.csv", _rows(60, seed=1))  # the same file twice: refused too
+    with pytest.raises(al.ALError, match="same data"):
+        al.prepare_data(_args(tiny_model, csv_file, tmp_path, test_data=csv_file))
+
+
+def test_duplicate_texts_never_straddle_pool_and_test(tiny_model, tmp_path, capsys):
+    distinct = _rows(40, seed=21)
+    rows = [r for r in distinct for _ in range(3)]  # every text three times; --dedupe off
+    data = al.prepare_data(_args(tiny_model, _write_csv(tmp_path / "dup.csv", rows), tmp_path))
+    assert not set(data.pool_texts) & set(data.test_texts)
+    assert len(set(data.test_texts)) == 12 and len(data.test_texts) == 36  # 0.3 of the 40 distinct texts, all copies
+    assert len(data.pool_texts) == 84
+    # a separate test file: pool rows with a test text are dropped, and the count printed
+    train = _write_csv(tmp_path / "train.csv", _rows(60, seed=22))
+    test = _write_csv(tmp_path / "test.csv", _rows(60, seed=22)[:10] + _rows(10, seed=23))
+    capsys.readouterr()
+    data = al.prepare_data(_args(tiny_model, train, tmp_path, test_data=test))
+    assert "dropped 10 row(s)" in capsys.readouterr().err
+    assert len(data.pool_texts) == 50 and len(data.test_texts) == 20 and data.info["dropped_test_texts"] == 10
+    assert not set(data.pool_texts) & set(data.test_texts)
+
+
+def test_labels_normalised_across_files(tiny_model, tmp_path):
+    """Int, string and int-valued float labels of one class are one class, in pool and test alike."""
+    import pandas as pd
+
+    rows = _rows(60, seed=31)
+    numeric = [{"text": r["text"], "label": ["food", "sport", "tech"].index(r["label"])} for r in rows]
+    train = _write_csv(tmp_path / "train.csv", numeric[:40])  # read as strings "0", "1", "2"
+    pd.DataFrame([{**r, "label": float(r["label"])} for r in numeric[40:]]).to_parquet(tmp_path / "test.parquet")
+    data = al.prepare_data(_args(tiny_model, train, tmp_path, test_data=tmp_path / "test.parquet"))
+    assert data.label_names == ["0", "1", "2"]
+    assert data.test_labels.tolist() == [r["label"] for r in numeric[40:]]
+    pd.DataFrame(numeric[40:]).to_json(tmp_path / "test.jsonl", orient="records", lines=True)  # JSON ints
+    data = al.prepare_data(_args(tiny_model, train, tmp_path, test_data=tmp_path / "test.jsonl"))
+    assert data.label_names == ["0", "1", "2"] and data.test_labels.tolist() == [r["label"] for r in numeric[40:]]
+    assert al.normalise_label(np.int64(3)) == al.normalise_label(3.0) == al.normalise_label("3") == "3"
+
+
+def test_csv_and_json_cells_read_as_written(tmp_path):
+    rows = [{"text": "NA", "label": "NA"}, {"text": "None", "label": "None"}, {"text": "null", "label": "null"},
+            {"text": "007", "label": "01"}, {"text": "7", "label": "1"}]
+    table = al.load_table(str(_write_csv(tmp_path / "x.csv", rows)), "text", "label", "train")
+    assert table.texts == ["NA", "None", "null", "007", "7"] and table.labels == ["NA", "None", "null", "01", "1"]
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = al.load_table(str(tmp_path / "x.jsonl"), "text", "label", "train")
+    assert table.texts == ["NA", "None", "null", "007", "7"] and table.labels == ["NA", "None", "null", "01", "1"]
+    assert all(isinstance(t, str) for t in table.texts)
+    with pytest.raises(al.ALError, match="without a label"):  # an empty cell is a missing label
+        al.load_table(str(_write_csv(tmp_path / "y.csv", [{"text": "a", "label": ""}])), "text", "label", "train")
+
+
+def test_checkpoint_head_is_reinitialised_from_the_seed(tiny_model, tmp_path):
+    """The tiny checkpoint already has a 3-output head: it must still be drawn afresh from the seed."""
+    from transformers import BertForSequenceClassification
+
+    stored = BertForSequenceClassification.from_pretrained(tiny_model).classifier.weight.detach()
+    args = al.resolve_args(["--data", "x", "--model", str(tiny_model)])
+    data = al.Data([], np.zeros(0), [], np.zeros(0), ["a", "b", "c"], [], [])
+    tokenizer = al.load_tokenizer(args)
+
+    def head(seed):
+        model = al.load_base_model(args, data, seed, "cpu", tokenizer)
+        return model.classifier.weight.detach(), model.classifier.bias.detach(), model.bert.pooler.dense.weight
+
+    w0, b0, pooler0 = head(0)
+    w0b, _, _ = head(0)
+    w1, _, pooler1 = head(1)
+    assert not torch.equal(w0, stored) and not torch.equal(w1, stored)
+    assert torch.equal(w0, w0b) and not torch.equal(w0, w1)
+    assert torch.all(b0 == 0) and 0.005 < float(w0.std()) < 0.05  # the model's own init: N(0, 0.02), zero bias
+    assert torch.equal(pooler0, pooler1)  # the encoder (pooler included) stays as loaded
+
+
+def test_max_length_above_the_position_limit(tiny_model, tiny_csv, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert al.main(_argv(tiny_model, tiny_csv, out, ["random"], rounds=1, max_length=100)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --max-length 100") and "64 tokens" in err
+    assert not (out / "split.json").exists()
+
+
+def test_resume_fingerprint_holds_content_and_absolute_paths(tiny_model, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    _write_csv(work / "train.csv", _rows(150, seed=1))
+    out = tmp_path / "out"
+    monkeypatch.chdir(work)
+    assert al.main(_argv(tiny_model, "train.csv", out, ["random"], rounds=0)) == 0
+    monkeypatch.chdir(tmp_path)  # the same file from another working directory: resumed, nothing retrained
+    trained = []
+    monkeypatch.setattr(al, "train_model", lambda *a, **k: trained.append(a) or pytest.fail("retrained"))
+    assert al.main(_argv(tiny_model, work / "train.csv", out, ["random"], rounds=0)) == 0
+    assert trained == []
+    capsys.readouterr()
+    assert al.main(_argv(tiny_model, work / "train.csv", out, ["random"], rounds=0, eval_batch_size=7)) == 2
+    assert "eval_batch_size" in capsys.readouterr().err
+    rows = _rows(150, seed=1)
+    rows[3]["label"] = "tech" if rows[3]["label"] != "tech" else "food"  # an edited data file
+    _write_csv(work / "train.csv", rows)
+    assert al.main(_argv(tiny_model, work / "train.csv", out, ["random"], rounds=0)) == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err and "data_sha256" in err
+
+
+def test_macro_f1_over_the_test_classes(monkeypatch):
+    """A predicted class absent from the test split does not enter the macro average."""
+    monkeypatch.setattr(al, "predict", lambda *a, **k: np.array([0, 0, 1, 2]))
+    acc, f1 = al.evaluate(None, None, np.array([0, 0, 1, 1]), None, "cpu")
+    assert acc == 0.75 and f1 == pytest.approx((1.0 + 2 / 3) / 2)
+    state = {"config": al.fingerprint(al.resolve_args(["--demo"])), "curves": {}}
+    assert "classes present in the test split" in al.summary_markdown(state)
+
+
+def test_strategy_options_per_strategy_win_over_global():
+    items = ["entropy.x=1", "x=2", "random.y=3", "y=4"]
+    expected = {"entropy": {"x": 1, "y": 4}, "random": {"x": 2, "y": 3}}
+    assert al.parse_strategy_options(items, ["entropy", "random"]) == expected
+    args = al.resolve_args(["--demo", "--strategies", "entropy", "random",
+                            *[a for item in items for a in ("--strategy-option", item)]])
+    assert al.parse_strategy_options(args.strategy_option, args.strategies) == expected
+    assert al.fingerprint(args)["strategy_option"] == sorted(items)
+
+
+@pytest.mark.parametrize("names, option, message", [
+    (["random", "entropy"], "foo=1", "strategy 'random' rejects its options (foo=1)"),
+    (["random", "vapal"], "vapal.eps=-1", "strategy 'vapal' rejects its options (eps=-1)"),
+])
+def test_bad_strategy_options_fail_before_the_data(names, option, message, tiny_model, tiny_csv, tmp_path,
+                                                   strategies, capsys, monkeypatch):
+    if not set(names) <= set(strategies):
+        pytest.skip(f"the library lacks {names}")
+    monkeypatch.setattr(al, "prepare_data", lambda args: pytest.fail("data loaded before the options were checked"))
+    out = tmp_path / "out"
+    assert al.main(_argv(tiny_model, tiny_csv, out, names, strategy_option=option)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --strategy-option") and message in err, err
+    assert not out.exists()
+
+
+def test_diverging_training_is_an_error(tiny_model, tiny_csv, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert al.main(_argv(tiny_model, tiny_csv, out, ["random"], rounds=1, seeds=[0], lr=1e30)) == 2
+    err = capsys.readouterr().err
+    assert "error: the training loss became non-finite" in err and "--lr" in err
+    assert not json.loads((out / "curves.json").read_text() if (out / "curves.json").exists() else '{"curves": {}}'
+                          )["curves"].get("random", {}).get("0")
+
+
+def test_classlabel_names_and_unlabeled_rows(tiny_model, tmp_path):
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["sport", "food", "tech"])})
+    names = ["sport", "food", "tech"]
+
+    def split(rows):
+        return datasets.Dataset.from_dict({"text": [r["text"] for r in rows],
+                                           "label": [names.index(r["label"]) for r in rows]}, features=features)
+
+    root = tmp_path / "dd"
+    datasets.DatasetDict({"train": split(_rows(60, seed=41)), "test": split(_rows(21, seed=42))}).save_to_disk(
+        str(root))
+    data = al.prepare_data(_args(tiny_model, root, tmp_path, test_data=root))
+    assert data.label_names == names  # the ClassLabel's names, in its order
+    assert [data.label_names[i] for i in data.test_labels] == [r["label"] for r in _rows(21, seed=42)]
+    unlabeled = datasets.Dataset.from_dict({"text": ["a b", "c d"], "label": [-1, -1]}, features=features)
+    root2 = tmp_path / "dd2"
+    datasets.DatasetDict({"train": split(_rows(60, seed=41)), "test": unlabeled}).save_to_disk(str(root2))
+    with pytest.raises(al.ALError, match="label -1 .*unlabeled"):
+        al.prepare_data(_args(tiny_model, root2, tmp_path, test_data=root2))
+
+
+def test_reports_skip_strategies_without_points(tmp_path):
+    entry = {"round": 0, "labels": 8, "accuracy": 0.5, "macro_f1": 0.4, "seconds": 1.0}
+    state = {"config": al.fingerprint(al.resolve_args(["--demo"])),
+             "curves": {"random": {"0": [entry]}, "entropy": {"0": []}, "vapal": {}}}
+    al.write_reports(state, tmp_path)
+    assert (tmp_path / "curves.png").exists()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| labels | random |" in summary and "entropy" not in summary
+
+
+def test_resume_updates_seconds_with_the_query(tiny_model, tiny_csv, tmp_path):
+    out = tmp_path / "out"
+    assert al.main(_argv(tiny_model, tiny_csv, out, ["entropy"], rounds=0, seeds=[0])) == 0
+    assert al.main(_argv(tiny_model, tiny_csv, out, ["entropy"], rounds=1, seeds=[0])) == 0
+    first = json.loads((out / "curves.json").read_text())["curves"]["entropy"]["0"][0]
+    assert first["queried"] and first["query_seconds"] > 0
+    assert first["seconds"] == pytest.approx(first["train_seconds"] + first["eval_seconds"] + first["query_seconds"],
+                                             rel=1e-12, abs=0)
+
+
+def test_bf16_head_math_is_fp32(tiny_model, tiny_csv, tmp_path):
+    """Under --precision bf16 the encoder autocasts but the head runs in fp32: near-tied logits that bf16 would
+    round to a tie are still told apart."""
+    args = al.resolve_args(_argv(tiny_model, tiny_csv, tmp_path / "out", ["random"], precision="bf16"))
+    data = al.prepare_data(args)
+    tokenizer = al.load_tokenizer(args)
+    model = al.load_base_model(args, data, 0, "cpu", tokenizer).eval()
+    with torch.no_grad():  # classes 0 and 1 tie but for a bias 1e-4 apart, below bf16's resolution at 1.0
+        model.classifier.weight[1] = model.classifier.weight[0]
+        model.classifier.bias.copy_(torch.tensor([1.0, 1.0 + 1e-4, -100.0]))
+    enc = al.tokenize(tokenizer, data.test_texts, args.max_length)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (model(**enc).logits.argmax(-1) == 0).any()  # a bf16 head sees the tie
+    assert (al.predict(model, enc, args, "cpu") == 1).all()
+    assert args.precision == "bf16"

