@@ -657,7 +657,6 @@ def head_parts(model):
 def fp32_logits(model, parts, batch: dict, args, device):
     """Logits, fp32. Under --precision bf16 only the encoder autocasts: the head runs in fp32 outside autocast
     (on the pooled representation the model feeds it)."""
-    import torch
 
     if args.precision != "bf16" or parts is None:
         with autocast(args, device):
@@ -665,10 +664,7 @@ def fp32_logits(model, parts, batch: dict, args, device):
         return logits.float()
     with autocast(args, device):
         pooled = parts.encode(batch)
-    with torch.autocast(torch.device(device).type, enabled=False):
-        weight = parts.head_weight.float()
-        logits = pooled.float() @ weight.t()
-        return logits if parts.head_bias is None else logits + parts.head_bias.float()
+    return parts.logits(pooled)  # fp32, autocast off (ClassifierParts.logits)
 
 
 def epoch_batches(labeled, lengths, batch_size: int, group_by_length: bool, gen) -> list:
