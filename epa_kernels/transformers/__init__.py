@@ -1,0 +1,29 @@
+"""Training integration for transformers causal LMs (DESIGN §9): the pieces any loop needs.
+
+- `PreferenceModel`: a causal LM whose forward(batch) returns the fused preference loss, never logits;
+- `read_preference_rows`, `PreferenceTokenizer`: TRL-format preference data → tokenized examples;
+- `BatchPlanner`: token-budget steps, seeded weak negatives, the packed batch layout;
+- `ReferenceCache`, `fill_reference_cache`: reference log-probs computed once and kept on disk;
+- `linearity_report`: the EPA paper's linearity test of implicit against gold rewards.
+"""
+from epa_kernels.transformers.batching import BatchPlanner, PlannedPrompt, PlannedStep
+from epa_kernels.transformers.data import (
+    DataStats,
+    PreferenceDataError,
+    PreferenceExample,
+    PreferenceTokenizer,
+    read_preference_rows,
+)
+from epa_kernels.transformers.model import LogitTransform, PreferenceModel, logit_transform
+from epa_kernels.transformers.reference_cache import (
+    ReferenceCache,
+    data_fingerprint,
+    fill_reference_cache,
+    model_fingerprint,
+)
+
+__all__ = [
+    "BatchPlanner", "DataStats", "LogitTransform", "PlannedPrompt", "PlannedStep", "PreferenceDataError",
+    "PreferenceExample", "PreferenceModel", "PreferenceTokenizer", "ReferenceCache", "data_fingerprint",
+    "fill_reference_cache", "logit_transform", "model_fingerprint", "read_preference_rows",
+]

