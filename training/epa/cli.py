@@ -92,8 +92,16 @@ def _check(condition: bool, message: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Parse and validate: a bad combination fails here, before any model or data is loaded."""
-    args = build_parser().parse_args(argv)
+    """Parse and validate: a bad combination exits here (status 2, argparse's message), before any loading."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return validate(args)
+    except TrainError as error:
+        parser.error(str(error))
+
+
+def validate(args) -> argparse.Namespace:
     args.ref = args.ref or ("none" if args.loss == "simpo" else "precompute")
     for name in ("max_length", "max_prompt_length", "max_tokens_per_batch", "gradient_accumulation_steps",
                  "epochs", "logging_steps", "save_total_limit"):

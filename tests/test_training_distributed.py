@@ -1,0 +1,127 @@
+"""One training step on 2 gloo ranks (CPU) equals one process holding the whole step (DESIGN §9).
+
+The planner gives each rank a shard of the step; weak negatives come from every rank's prompts (the plan is the
+same everywhere). Each rank scales its prompts' mean loss by (its prompts × ranks / the step's prompts), so DDP's
+gradient average is the gradient of the mean over all prompts, even with unequal shards. With SGD the updated
+parameters are then the single-process ones. FSDP2 (`fully_shard` on the decoder layers and the root, as
+accelerate's FSDP2 plugin lays it out) must give the same step: the LM head's weight is used directly inside the
+wrapper's forward, which only works while the root's parameters are unsharded.
+"""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tiny_models import tiny_causal_lm
+
+from epa_kernels.transformers import BatchPlanner, PreferenceExample, PreferenceModel
+
+WORLD = 2
+SEED = 1234
+LR = 0.5
+
+
+def examples():
+    """Seven prompts with ragged responses (token ids < the tiny vocab)."""
+    gen = torch.Generator().manual_seed(SEED)
+
+    def ids(n):
+        return tuple(torch.randint(4, 300, (n,), generator=gen).tolist())
+
+    return [PreferenceExample(row=i, prompt=ids(3 + i % 3), responses=tuple(ids(2 + (i + j) % 4)
+            for j in range(2 + i % 2))) for i in range(7)]
+
+
+def planned_step():
+    planner = BatchPlanner(examples(), max_tokens_per_batch=160, num_weak=2, seed=SEED, world_size=WORLD)
+    step = planner.plan_epoch(0)[0]
+    return planner, step
+
+
+def make_wrapper():
+    model = tiny_causal_lm("llama_tied", seed=SEED)
+    model.train()  # dropout is 0 in the tiny config; train mode as in training
+    return PreferenceModel(model, loss="epa", beta=0.5, weak_weight=0.5, backend="torch")
+
+
+def ref_logps(batch):
+    gen = torch.Generator().manual_seed(SEED + 1)
+    keys = batch["keys"].tolist()
+    noise = torch.randn(200, generator=gen).double()
+    return torch.tensor([-30.0 + noise[(a * 13 + b * 5 + c) % 200].item() for a, b, c in keys], dtype=torch.float64)
+
+
+def single_process_step():
+    planner, step = planned_step()
+    wrapper = make_wrapper()
+    batch = planner.collate([p for shard in step.shards for p in shard])
+    batch["ref_logps"] = ref_logps(batch)
+    loss, _ = wrapper(batch)
+    loss.backward()
+    with torch.no_grad():
+        for p in wrapper.parameters():
+            p -= LR * p.grad
+    return loss.item(), {k: v.detach().clone() for k, v in wrapper.model.state_dict().items()}
+
+
+def worker(rank, init_file, mode, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        planner, step = planned_step()
+        wrapper = make_wrapper()
+        if mode == "ddp":
+            module = torch.nn.parallel.DistributedDataParallel(wrapper)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in wrapper.model.model.layers:
+                fully_shard(layer)
+            module = fully_shard(wrapper)
+        shard = step.shards[rank]
+        batch = planner.collate(shard)
+        batch["ref_logps"] = ref_logps(batch)
+        loss, _ = module(batch)
+        (loss * len(shard) * WORLD / step.num_prompts).backward()
+        with torch.no_grad():
+            for p in wrapper.parameters():
+                p -= LR * p.grad
+        loss_sum = torch.tensor([loss.item() * len(shard)], dtype=torch.float64)
+        dist.all_reduce(loss_sum)
+        state = {}
+        for name, value in wrapper.model.state_dict().items():
+            state[name] = value.full_tensor() if hasattr(value, "full_tensor") else value
+        if rank == 0:
+            torch.save({"loss": loss_sum.item() / step.num_prompts, "state": state}, os.path.join(out_dir, "out.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_sharded_step_equals_single_process(mode):
+    print(f"seed {SEED}")
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(worker, args=(os.path.join(out_dir, "init"), mode, out_dir), nprocs=WORLD, join=True)
+        result = torch.load(os.path.join(out_dir, "out.pt"))
+    loss, state = single_process_step()
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    initial = make_wrapper().model.state_dict()
+    moved = 0
+    for name, expected in state.items():
+        torch.testing.assert_close(result["state"][name], expected, rtol=1e-5, atol=1e-6, msg=name)
+        moved += int(not torch.equal(expected, initial[name]))
+    assert moved > len(state) // 2, "the step must change most parameters for the comparison to mean something"
+
+
+def test_planned_shards_are_unequal_and_weak_negatives_cross_ranks():
+    """The fixture exercises what the weighting is for: shards of different sizes, weak negatives from the other
+    rank."""
+    planner, step = planned_step()
+    assert len(step.shards[0]) != len(step.shards[1])
+    rank_of = {p.example: r for r, shard in enumerate(step.shards) for p in shard}
+    crossing = [(p.example, q) for shard in step.shards for p in shard for q, _ in p.weak
+                if rank_of[q] != rank_of[p.example]]
+    assert crossing, "some weak negative must come from another rank's prompt"
