@@ -99,6 +99,9 @@ def read_preference_rows(source, *, split: str = "train") -> list[dict]:
 
 def _dataset_rows(dataset, split):
     """A datasets.Dataset's rows; a DatasetDict's `split`."""
+    if not hasattr(dataset, "to_list") and not hasattr(dataset, "keys"):
+        raise PreferenceDataError(f"cannot read preference rows from a {type(dataset).__name__}: expected a file path, "
+                                  "a datasets directory, a datasets.Dataset(Dict) or a list of dicts")
     if not hasattr(dataset, "column_names") or isinstance(dataset.column_names, Mapping):  # a DatasetDict
         if split not in dataset:
             raise PreferenceDataError(f"no split {split!r} in the dataset (splits: {list(dataset.keys())})")
@@ -117,7 +120,7 @@ def _json_object(line, path, index):
 
 
 def _csv_cell(column, value):
-    if column in LIST_COLUMNS and value.lstrip().startswith("["):
+    if column in LIST_COLUMNS and isinstance(value, str) and value.lstrip().startswith("["):
         try:
             return json.loads(value)
         except json.JSONDecodeError:
@@ -135,6 +138,7 @@ def _is_conversation(value) -> bool:
 
 
 def _row_format(row: Mapping) -> str:
+    _check_mapping(row, 0)
     if all(c in row for c in RANKED_COLUMNS):
         return "ranked"
     if all(c in row for c in PAIRWISE_COLUMNS):
@@ -147,10 +151,16 @@ def _row_format(row: Mapping) -> str:
         f"{list(RANKED_COLUMNS)}, or conversational chosen/rejected with an implicit prompt; got {have}")
 
 
+def _check_mapping(row, index):
+    if not isinstance(row, Mapping):
+        raise PreferenceDataError(f"row {index}: expected a mapping of column → value, got {type(row).__name__}")
+
+
 def _split_implicit_prompt(row, index):
     """TRL's implicit prompt: the messages chosen and every rejected conversation share before they diverge."""
     chosen, rejected = row["chosen"], row["rejected"]
-    rejected = rejected if rejected and _is_conversation(rejected[0]) else [rejected]
+    single = not (rejected and _is_conversation(rejected[0]))
+    rejected = [rejected] if single else rejected
     conversations = [chosen, *rejected]
     if not all(_is_conversation(c) for c in conversations):
         raise PreferenceDataError(f"row {index}: without a 'prompt' column, 'chosen' and 'rejected' must be "
@@ -161,7 +171,8 @@ def _split_implicit_prompt(row, index):
     if shared == 0:
         raise PreferenceDataError(f"row {index}: 'chosen' and 'rejected' share no leading messages (no prompt)")
     prompt = chosen[:shared]
-    return {"prompt": prompt, "chosen": chosen[shared:], "rejected": [c[shared:] for c in rejected]}
+    tails = [c[shared:] for c in rejected]
+    return {"prompt": prompt, "chosen": chosen[shared:], "rejected": tails[0] if single else tails}
 
 
 def _number(value) -> float | None:
@@ -257,6 +268,7 @@ class PreferenceTokenizer:
         return examples, stats
 
     def _example(self, row, index, fmt, stats) -> PreferenceExample:
+        _check_mapping(row, index)
         expected = {"ranked": RANKED_COLUMNS, "pairwise": PAIRWISE_COLUMNS, "implicit": ("chosen", "rejected")}[fmt]
         missing = [c for c in expected if c not in row or row[c] is None]
         if missing:
@@ -292,6 +304,7 @@ class PreferenceTokenizer:
         if self.max_prompt_length is not None and len(prompt_ids) > self.max_prompt_length:
             prompt_ids = prompt_ids[-self.max_prompt_length:]
             stats.prompts_truncated += 1
+        cut = [False] * len(response_ids)
         if self.max_length is not None:
             room = self.max_length - len(prompt_ids)
             if room < 1:
@@ -299,7 +312,7 @@ class PreferenceTokenizer:
                     f"row {index}, column 'prompt': {len(prompt_ids)} tokens leave no room for a response within "
                     f"max_length={self.max_length}; set max_prompt_length (keeps the end of the prompt) or raise "
                     "max_length")
-            stats.responses_truncated += sum(len(ids) > room for ids in response_ids)
+            cut = [len(ids) > room for ids in response_ids]
             response_ids = [ids[:room] for ids in response_ids]
 
         keep = list(range(len(response_ids)))
@@ -317,6 +330,7 @@ class PreferenceTokenizer:
                 truncated = "" if self.max_length is None else f" (after truncation to max_length={self.max_length})"
                 raise PreferenceDataError(f"row {index}, column {names[j]!r}: identical to the positive "
                                           f"{names[0]!r}{truncated}")
+        stats.responses_truncated += sum(cut[j] for j in keep)  # the responses kept, not those dropped above
         return PreferenceExample(
             row=index, prompt=tuple(prompt_ids), responses=tuple(tuple(response_ids[j]) for j in keep),
             scores=None if scores is None else tuple(scores[j] for j in keep))
@@ -327,7 +341,7 @@ class PreferenceTokenizer:
             if not _is_conversation(response):
                 raise PreferenceDataError(f"row {index}, column {name!r}: the prompt is a conversation, so the "
                                           "response must be a list of messages too")
-            if not any(str(m["content"]).strip() for m in response):
+            if not any(str(m["content"] if m["content"] is not None else "").strip() for m in response):
                 raise PreferenceDataError(f"row {index}, column {name!r}: empty response")
         elif not isinstance(response, str):
             raise PreferenceDataError(f"row {index}, column {name!r}: expected a string, got "
