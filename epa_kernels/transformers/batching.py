@@ -56,8 +56,8 @@ class BatchPlanner:
 
     max_tokens_per_batch: tokens per rank per step (an upper bound, checked before training); num_weak: W weak
     negatives per prompt; max_length: cap on each prompt ⊕ response (weak ones included; keeps the response's
-    start); world_size: ranks sharing each step; drop_last: drop a final step that cannot give every rank a prompt
-    (otherwise an error, since ranks must stay in step).
+    start); world_size: ranks sharing each step (a final step with fewer prompts than ranks is dropped: ranks
+    must stay in step); shuffle: a seeded new order each epoch (else the data's order).
     """
 
     def __init__(self, examples: Sequence[PreferenceExample], *, max_tokens_per_batch: int, num_weak: int = 0,
@@ -66,6 +66,10 @@ class BatchPlanner:
                                  ("world_size", world_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int ≥ {low}, got {value!r}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 2):
+            raise ValueError(f"max_length must be None or an int ≥ 2 (a prompt and a response token), "
+                             f"got {max_length!r}")
         if not examples:
             raise ValueError("no examples to plan")
         if len(examples) < world_size:
@@ -73,6 +77,11 @@ class BatchPlanner:
         self.examples = list(examples)
         self.max_tokens, self.num_weak, self.max_length = max_tokens_per_batch, num_weak, max_length
         self.seed, self.world_size, self.shuffle = seed, world_size, shuffle
+        if max_length is not None:
+            for e in self.examples:
+                if len(e.prompt) >= max_length:
+                    raise PreferenceDataError(f"row {e.row}: its prompt ({len(e.prompt)} tokens) leaves no room for a "
+                                              f"response within max_length={max_length}")
         longest_response = max(len(r) for e in self.examples for r in e.responses)
         self._cost = [self._example_cost(e, longest_response) for e in self.examples]
         worst = max(range(len(self.examples)), key=self._cost.__getitem__)
@@ -109,11 +118,13 @@ class BatchPlanner:
         steps = []
         for start in range(0, len(batches), self.world_size):
             shards = batches[start : start + self.world_size]
-            if len(shards) < self.world_size:  # a short last step: spread its prompts so every rank has one
-                prompts = [i for shard in shards for i in shard]
-                if len(prompts) < self.world_size:
+            if len(shards) < self.world_size:  # a short last step: split batches so every rank has a prompt
+                if sum(len(shard) for shard in shards) < self.world_size:
                     break  # fewer prompts than ranks: dropped (they come back next epoch in another order)
-                shards = [prompts[r :: self.world_size] for r in range(self.world_size)]
+                while len(shards) < self.world_size:  # halves of a batch stay within its budget
+                    largest = max(range(len(shards)), key=lambda r: len(shards[r]))
+                    shard = shards.pop(largest)
+                    shards[largest:largest] = [shard[: len(shard) // 2], shard[len(shard) // 2 :]]
             steps.append(self._draw_weak(epoch, len(steps), shards))
         return steps
 

@@ -94,8 +94,13 @@ class PreferenceModel(nn.Module):
         self.loss_options = dict(loss=loss, beta=beta, reduction=reduction, backend=backend,
                                  ignore_index=ignore_index, **loss_kw)
         if ref_model is not None and not isinstance(ref_model, PreferenceModel):
-            ref_model = PreferenceModel(ref_model, reduction=reduction, backend=backend, check_head=check_head)
+            ref_model = PreferenceModel(ref_model, reduction=reduction, backend=backend, ignore_index=ignore_index,
+                                        check_head=check_head)
         if ref_model is not None:
+            for option in ("reduction", "ignore_index"):  # else rewards would mix, e.g., mean and sum log-probs
+                if ref_model.loss_options[option] != self.loss_options[option]:
+                    raise ValueError(f"ref_model has {option}={ref_model.loss_options[option]!r} but the policy "
+                                     f"{option}={self.loss_options[option]!r}: they must match")
             ref_model.requires_grad_(False).eval()
         # A plain attribute, not a submodule: the reference's weights stay out of parameters(), the optimizer,
         # DDP/FSDP wrapping and the policy's state dict.
