@@ -117,6 +117,17 @@ def test_batches_fit_the_token_budget(world_size, max_length):
                 assert tokens <= budget, f"epoch {epoch} step {step.index}: {tokens} tokens > {budget}"
 
 
+def test_prompt_cap_limits_batches_on_top_of_the_budget():
+    examples = make_examples(23, seed=SEED, prompt_len=(1, 3), response_len=(1, 3))
+    capped = BatchPlanner(examples, max_tokens_per_batch=10_000, max_prompts_per_batch=4, seed=SEED)
+    sizes = [len(step.shards[0]) for step in capped.plan_epoch(0)]
+    assert sizes == [4, 4, 4, 4, 4, 3]
+    uncapped = BatchPlanner(examples, max_tokens_per_batch=10_000, seed=SEED)
+    assert [len(step.shards[0]) for step in uncapped.plan_epoch(0)] == [23]
+    with pytest.raises(ValueError, match="max_prompts_per_batch"):
+        BatchPlanner(examples, max_tokens_per_batch=100, max_prompts_per_batch=0)
+
+
 def test_spread_last_step_keeps_the_budget():
     # Batches [A50 B50] and [C10 D90] (budget 100) over three ranks: dealing prompts round-robin would give one
     # rank A + D = 140 tokens.

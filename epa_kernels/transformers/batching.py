@@ -57,15 +57,21 @@ class BatchPlanner:
     max_tokens_per_batch: tokens per rank per step (an upper bound, checked before training); num_weak: W weak
     negatives per prompt; max_length: cap on each prompt ⊕ response (weak ones included; keeps the response's
     start); world_size: ranks sharing each step (a final step with fewer prompts than ranks is dropped: ranks
-    must stay in step); shuffle: a seeded new order each epoch (else the data's order).
+    must stay in step); shuffle: a seeded new order each epoch (else the data's order); max_prompts_per_batch:
+    an optional cap on prompts per rank per step on top of the token budget (e.g. to give runs with different
+    numbers of responses per prompt the same number of updates).
     """
 
     def __init__(self, examples: Sequence[PreferenceExample], *, max_tokens_per_batch: int, num_weak: int = 0,
-                 max_length: int | None = None, seed: int = 0, world_size: int = 1, shuffle: bool = True):
+                 max_length: int | None = None, seed: int = 0, world_size: int = 1, shuffle: bool = True,
+                 max_prompts_per_batch: int | None = None):
         for name, value, low in (("max_tokens_per_batch", max_tokens_per_batch, 1), ("num_weak", num_weak, 0),
                                  ("world_size", world_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int ≥ {low}, got {value!r}")
+        if max_prompts_per_batch is not None and (isinstance(max_prompts_per_batch, bool) or not isinstance(
+                max_prompts_per_batch, int) or max_prompts_per_batch < 1):
+            raise ValueError(f"max_prompts_per_batch must be None or an int ≥ 1, got {max_prompts_per_batch!r}")
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
                                        or max_length < 2):
             raise ValueError(f"max_length must be None or an int ≥ 2 (a prompt and a response token), "
@@ -77,6 +83,7 @@ class BatchPlanner:
         self.examples = list(examples)
         self.max_tokens, self.num_weak, self.max_length = max_tokens_per_batch, num_weak, max_length
         self.seed, self.world_size, self.shuffle = seed, world_size, shuffle
+        self.max_prompts = max_prompts_per_batch
         if max_length is not None:
             for e in self.examples:
                 if len(e.prompt) >= max_length:
@@ -108,7 +115,8 @@ class BatchPlanner:
             _rng("order", self.seed, epoch).shuffle(order)
         batches, current, used = [], [], 0
         for index in order:
-            if current and used + self._cost[index] > self.max_tokens:
+            full = self.max_prompts is not None and len(current) == self.max_prompts
+            if current and (full or used + self._cost[index] > self.max_tokens):
                 batches.append(current)
                 current, used = [], 0
             current.append(index)

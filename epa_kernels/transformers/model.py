@@ -112,6 +112,11 @@ class PreferenceModel(nn.Module):
     def config(self):
         return self.model.config
 
+    @property
+    def _no_split_modules(self):
+        """The model's decoder-layer classes: accelerate's FSDP2 auto-wrap shards them one by one."""
+        return getattr(self.model, "_no_split_modules", None)
+
     def hidden_states(self, batch) -> torch.Tensor:
         """Final hidden states [N, D] of the packed row; attention stays inside each sequence.
 

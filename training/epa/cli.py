@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-weak", type=int, default=0,
                    help="W weak negatives per prompt: responses of other prompts of the step, scored under this one")
     d.add_argument("--max-tokens-per-batch", type=int, default=8192, help="token budget per rank per step")
+    d.add_argument("--max-prompts-per-batch", type=int, help="optional cap on prompts per rank per step")
 
     loss = p.add_argument_group("loss")
     loss.add_argument("--loss", default="epa", choices=LOSSES)
@@ -108,7 +109,7 @@ def validate(args) -> argparse.Namespace:
         _check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     for name in ("num_weak", "eval_steps", "save_steps"):
         _check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(args, name)}")
-    for name in ("max_steps", "max_negatives"):
+    for name in ("max_steps", "max_negatives", "max_prompts_per_batch"):
         value = getattr(args, name)
         _check(value is None or value >= 1, f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
     _check(args.max_prompt_length < args.max_length,

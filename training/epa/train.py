@@ -54,7 +54,8 @@ def load_split(spec, split, tokenizer, args, world_size, *, shuffle):
                                    strict_positive=args.loss in PAIRWISE_LOSSES)
     examples, stats = tokenize(rows)
     planner = BatchPlanner(examples, max_tokens_per_batch=args.max_tokens_per_batch, num_weak=args.num_weak,
-                           max_length=args.max_length, seed=args.seed, world_size=world_size, shuffle=shuffle)
+                           max_length=args.max_length, seed=args.seed, world_size=world_size, shuffle=shuffle,
+                           max_prompts_per_batch=args.max_prompts_per_batch)
     return Split(examples, stats, planner)
 
 
@@ -110,8 +111,8 @@ def run_fingerprint(args, train: Split) -> dict:
     """What a resumed run must share with the interrupted one."""
     keys = ("model", "gguf_file", "loss", "beta", "weak_weight", "positive_weight", "margin", "label_smoothing",
             "score_temperature", "ref", "ref_model", "max_length", "max_prompt_length", "max_negatives", "num_weak",
-            "max_tokens_per_batch", "lr", "weight_decay", "scheduler", "warmup_ratio", "max_grad_norm",
-            "gradient_accumulation_steps", "epochs", "max_steps", "seed", "bf16")
+            "max_tokens_per_batch", "max_prompts_per_batch", "lr", "weight_decay", "scheduler", "warmup_ratio",
+            "max_grad_norm", "gradient_accumulation_steps", "epochs", "max_steps", "seed", "bf16")
     return {**{k: getattr(args, k) for k in keys}, "data": data_fingerprint(train.examples)}
 
 
