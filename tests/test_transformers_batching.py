@@ -324,3 +324,23 @@ def test_scores():
         weak = scores[row, 1 + k_max : 1 + k_max + len(planned.weak)]
         assert weak.numel() > 0 and bool((weak == -math.inf).all())
     assert collated(scores=False)[2]["scores"] is None
+
+
+def test_fold_into_rows_places_every_token_once():
+    from epa_kernels.transformers.batching import fold_into_rows
+
+    lengths = [5, 1, 7, 3, 3, 2, 7]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    layout = fold_into_rows(cu_seqlens)
+    rows, width = layout.input_index.shape
+    assert width == max(lengths) and rows == 4  # first fit decreasing: 7 | 7 | 5+2 | 3+3+1
+    flat = layout.input_index.reshape(-1)
+    assert sorted(flat[flat >= 0].tolist()) == list(range(sum(lengths)))
+    assert torch.equal(flat[layout.token_index], torch.arange(sum(lengths)))
+    positions = layout.position_ids.reshape(-1)[layout.token_index]
+    expected = torch.cat([torch.arange(n) for n in lengths])
+    assert torch.equal(positions, expected)
+    for r in range(rows):  # padding restarts at 0, so it never continues a real sequence
+        pad = (layout.input_index[r] < 0).nonzero().squeeze(1)
+        if pad.numel():
+            assert torch.equal(layout.position_ids[r, pad], torch.arange(pad.numel()))

@@ -218,16 +218,20 @@ def test_packed_sequences_equal_each_sequence_alone(arch, attn, window):
     if window is not None:
         assert lm.config.sliding_window == window and batch["max_seqlen"] > 2 * window
     with torch.no_grad():
-        packed = wrapper.hidden_states(batch)
+        packed = wrapper.hidden_states(batch)  # folded into rows (no varlen kernel here)
+        one_row = wrapper.decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                  use_cache=False).last_hidden_state[0]  # the packed mask over the whole row
         alone = torch.cat([wrapper.decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
                            for ids, _ in sequences(batch)])
         # Positions that do not restart make one long sequence: the comparison must see the difference.
-        leaky = wrapper.hidden_states({**batch, "position_ids": torch.arange(packed.shape[0], device=device)[None]})
+        leaky = wrapper.decoder(input_ids=batch["input_ids"], use_cache=False,
+                                position_ids=torch.arange(packed.shape[0], device=device)[None]).last_hidden_state[0]
         lm.float()  # in place: the wrapper's decoder and head follow
         logps = wrapper.sequence_logps(batch)
         expected = reference_logps(lm, batch)
     scale = alone.abs().max().item()
     assert (packed - alone).abs().max().item() <= tolerance * scale, "packed sequences attend across each other"
+    assert (one_row - alone).abs().max().item() <= tolerance * scale, "one packed row attends across sequences"
     assert (leaky - alone).abs().max().item() > 1e-2 * scale
     torch.testing.assert_close(logps, expected, rtol=1e-4, atol=1e-4)
     if window is not None:  # the window is active: a wide one changes sequences longer than 4 tokens
