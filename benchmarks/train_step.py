@@ -1,0 +1,232 @@
+"""One full preference-training step of a real causal LM: the fused loss against materialised logits.
+
+    python -m benchmarks.train_step                     # SmolLM2-135M, 1 prompt of 256 + 4 responses of 512
+    python -m benchmarks.train_step --impls fused unfused fused-gc unfused-gc --out bench-out/train-step
+
+Each implementation runs in fresh processes: the process loads the model, makes AdamW, and runs warm-up steps, so
+the optimizer state exists; then it measures steps (forward, backward, optimizer step, zero_grad). On CPU, memory
+and time come from two processes: memory under the harness's glibc settings (every block ≥ 64 KiB is its own
+mapping, so the resident set tracks live memory), time under the default allocator (those settings fault every
+page of every activation in again and slow a step down several-fold). Reported per step:
+- peak memory above the model and optimizer state (RSS on CPU; `max_memory_allocated` on CUDA);
+- the median step time and the loss. Both implementations must agree on the loss, which is checked.
+
+- `fused`: `PreferenceModel` (decoder → final hidden states → `fused_linear_preference_loss`), no logits;
+- `unfused`: the model's own forward to logits [N, V], log_softmax, gather, per-sequence sums, then
+  `preference_loss` (what a plain transformers loop does);
+- `-gc` suffix: the same with gradient checkpointing of the decoder layers.
+Every sequence is packed into one row (position_ids restart per sequence), identical for all implementations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import CPU_MEMORY_ENV, _proc_status, cpu_memory_exact, environment
+
+IMPLS = ("fused", "unfused", "fused-gc", "unfused-gc")
+TEXT = ("Preference optimisation trains a language model to rank the responses people prefer above the ones "
+        "they reject. Each prompt comes with several answers: a good one, some weaker ones, and answers written "
+        "for other questions. The model learns from all of them at once, which costs memory at every token. ")
+
+
+def build_batch(tokenizer, prompt_tokens: int, response_tokens: int, responses: int, device):
+    """One prompt and `responses` responses of real text, packed: the same batch for every implementation."""
+    from epa_kernels.transformers import BatchPlanner, PreferenceExample
+
+    ids = tokenizer(TEXT * (1 + (prompt_tokens + responses * response_tokens) // 40))["input_ids"]
+    prompt = tuple(ids[:prompt_tokens])
+    answers = tuple(tuple(ids[prompt_tokens + i * 7 : prompt_tokens + i * 7 + response_tokens])
+                    for i in range(responses))
+    example = PreferenceExample(row=0, prompt=prompt, responses=answers)
+    planner = BatchPlanner([example], max_tokens_per_batch=(prompt_tokens + response_tokens) * responses)
+    batch = planner.collate(planner.plan_epoch(0)[0].shards[0], device)
+    # Fixed reference log-probs near what a 135M model gives per token (≈ −2.5): the loss is in its usual range.
+    batch["ref_logps"] = -2.5 * response_tokens + torch.arange(responses, dtype=torch.float64, device=device)
+    return batch
+
+
+class UnfusedStep(torch.nn.Module):
+    """Materialised logits → per-sequence log-probs → preference_loss: the plain transformers way."""
+
+    def __init__(self, model, **loss_kw):
+        super().__init__()
+        self.model, self.loss_kw = model, loss_kw
+
+    def forward(self, batch):
+        from epa_kernels import preference_loss
+
+        logits = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        logits = logits[0].float()
+        targets = batch["targets"]
+        valid = targets != -100
+        token_logps = torch.log_softmax(logits, dim=-1).gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+        token_logps = torch.where(valid, token_logps, 0.0)
+        seq_ids = torch.repeat_interleave(torch.arange(batch["cu_seqlens"].numel() - 1, device=logits.device),
+                                          batch["cu_seqlens"].diff().long())
+        logps = torch.zeros(seq_ids.max() + 1, dtype=torch.float64, device=logits.device).index_add(
+            0, seq_ids, token_logps.double())
+        return preference_loss(logps, batch["ref_logps"], batch["groups"], num_strong=batch["num_strong"],
+                               **self.loss_kw)
+
+
+def measure(impl: str, args) -> dict:
+    """Run in a fresh process: load, warm up, then run `args.repeats` measured steps (`args.measure`: time,
+    memory, or both)."""
+    from epa_kernels.transformers import PreferenceModel
+    from training.models import load_causal_lm, load_tokenizer
+
+    device = torch.device(args.device)
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(args.model, device=device)
+    if impl.endswith("-gc"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    loss_kw = {"loss": "epa", "beta": 0.1}
+    step_module = PreferenceModel(model, **loss_kw) if impl.startswith("fused") else UnfusedStep(model, **loss_kw)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    batch = build_batch(tokenizer, args.prompt_tokens, args.response_tokens, args.responses, device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def step():
+        loss, _ = step_module(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for _ in range(args.warmup):
+        step()
+    optimizer_state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                          if torch.is_tensor(t))
+    times, peaks, losses = [], [], []
+    for _ in range(args.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = _proc_status()["VmRSS"]
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")  # the peak resident set restarts from the current one
+        tic = time.perf_counter()
+        losses.append(step())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+        else:
+            peaks.append(_proc_status()["VmHWM"] - base)
+        times.append(time.perf_counter() - tic)
+    result = {"impl": impl, "loss": losses[0], "tokens": batch["input_ids"].numel(), "weights_bytes": weights,
+              "optimizer_state_bytes": optimizer_state}
+    if args.measure in ("time", "both"):
+        result.update(step_s=statistics.median(times), times_s=times)
+    if args.measure in ("memory", "both"):
+        result["peak_bytes"] = max(peaks)
+    return result
+
+
+def run_in_subprocess(impl: str, argv: list[str], measure_what: str) -> dict:
+    env = {**os.environ, **(CPU_MEMORY_ENV if measure_what == "memory" else {})}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--worker", impl, "--measure",
+                           measure_what, *argv], env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"impl": impl, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_implementation(impl: str, argv: list[str], device: torch.device) -> dict:
+    """Time and memory of one implementation: one process on CUDA, two on CPU (see the module docstring)."""
+    if device.type == "cuda":
+        return run_in_subprocess(impl, argv, "both")
+    timed = run_in_subprocess(impl, argv, "time")
+    if "error" in timed:
+        return timed
+    measured = run_in_subprocess(impl, argv, "memory")
+    if "error" in measured:
+        return measured
+    return {**measured, **timed, "loss_memory_run": measured["loss"]}
+
+
+def markdown(results: list[dict], args, env: dict) -> str:
+    base = next((r for r in results if r["impl"] == "fused" and "error" not in r), None)
+    lines = ["| implementation | step s | × fused time | peak MiB above model + optimizer | × fused memory | loss |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | — | — | — | — | error: {r['error']} |")
+            continue
+        time_ratio = f"{r['step_s'] / base['step_s']:.2f}" if base else "—"
+        memory_ratio = f"{r['peak_bytes'] / base['peak_bytes']:.2f}" if base else "—"
+        lines.append(f"| {r['impl']} | {r['step_s']:.2f} | {time_ratio} | {r['peak_bytes'] / 2**20:.0f} | "
+                     f"{memory_ratio} | {r['loss']:.6f} |")
+    first = next(r for r in results if "error" not in r)
+    lines += ["", f"{env['device']}; torch {env['torch']}; commit {env['commit']}; {env['date']}. Model "
+              f"{args.model}: weights {first['weights_bytes'] / 2**20:.0f} MiB, AdamW state "
+              f"{first['optimizer_state_bytes'] / 2**20:.0f} MiB (fp32). One prompt of {args.prompt_tokens} tokens "
+              f"and {args.responses} responses of {args.response_tokens} ({first['tokens']} tokens packed); EPA "
+              f"loss, β = 0.1; median of {args.repeats} step(s) after {args.warmup} warm-up; memory = peak during a "
+              "step (forward, backward, AdamW step) above the resident model and optimizer state, gradients "
+              "included; each implementation in its own processes (CPU: one for time, one for memory)."]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="model directory, .gguf, or 'smollm2' (default)")
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--response-tokens", type=int, default=512)
+    parser.add_argument("--responses", type=int, default=4, help="1 positive + K negatives (default 1 + 3)")
+    parser.add_argument("--impls", nargs="+", default=["fused", "unfused"], choices=IMPLS)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="directory for results.json and results.md")
+    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("time", "memory", "both"), default="both", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("prompt_tokens", "response_tokens", "repeats", "warmup"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    if args.responses < 2:
+        parser.error("--responses must be ≥ 2 (a positive and a negative)")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        if torch.device(args.device).type == "cpu" and args.measure != "time" and not cpu_memory_exact():
+            raise SystemExit("a memory worker must run under benchmarks.harness.CPU_MEMORY_ENV")
+        print(json.dumps(measure(args.worker, args)))
+        return 0
+    passthrough = [a for a in argv if a not in args.impls and a != "--impls"]
+    results = [run_implementation(impl, passthrough, torch.device(args.device)) for impl in args.impls]
+    env = environment(torch.device(args.device))
+    ok = [r for r in results if "error" not in r]
+    if len(ok) > 1:
+        spread = max(abs(r["loss"] - ok[0]["loss"]) for r in ok)
+        if spread > 1e-3 * max(1.0, abs(ok[0]["loss"])):
+            raise SystemExit(f"the implementations disagree on the loss by {spread:.2e}: not timing a wrong step")
+    table = markdown(results, args, env)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"environment": env, "options": vars(args),
+                                                      "results": results}, indent=1))
+        (out / "results.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
