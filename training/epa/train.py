@@ -161,6 +161,7 @@ def run(args) -> dict:
                   if args.eval_data else None)
     steps = [step for epoch in range(args.epochs) for step in train.planner.plan_epoch(epoch)]
     eval_steps = evaluation.planner.plan_epoch(0) if evaluation else []
+    steps_per_epoch = [sum(1 for step in steps if step.epoch == epoch) for epoch in range(args.epochs)]
     accum = args.gradient_accumulation_steps
     total_updates = math.ceil(len(steps) / accum)
     if args.max_steps is not None:
@@ -169,6 +170,10 @@ def run(args) -> dict:
         f"{len(steps)} steps of ≤ {args.max_tokens_per_batch} tokens per rank × {world} rank(s) → "
         f"{total_updates} optimizer updates; truncated: {train.stats.prompts_truncated} prompts, "
         f"{train.stats.responses_truncated} responses; capped negatives: {train.stats.negatives_capped}")
+    weak_drawn = [len(p.weak) for step in steps for shard in step.shards for p in shard]
+    if args.num_weak and sum(weak_drawn) < args.num_weak * len(weak_drawn):
+        say(f"warning: {args.num_weak} weak negatives asked per prompt, {sum(weak_drawn) / len(weak_drawn):.2f} "
+            "drawn on average: steps with few prompts have few other responses (raise --max-tokens-per-batch)")
 
     model = load_causal_lm(args.model, args.gguf_file, attn=args.attn, device=accelerator.device,
                            online=args.online)
@@ -190,8 +195,7 @@ def run(args) -> dict:
         computed = attach_reference(accelerator, args, train, steps[: total_updates * accum], reference, "train")
         if evaluation:
             computed += attach_reference(accelerator, args, evaluation, eval_steps, reference, "eval")
-        say(f"reference: {computed} log-probs computed, {len(train.cache) - computed if computed else len(train.cache)}"
-            f" reused from {train.cache.path.parent}")
+        say(f"reference: {computed} log-probs computed now, the others read from {train.cache.path.parent}")
         del reference, ref_model  # training holds one model
 
     optimizer, scheduler = make_optimizer(wrapper, args, total_updates)
@@ -236,8 +240,8 @@ def run(args) -> dict:
         last = reduce_metrics(accelerator, sums)
         seconds = time.perf_counter() - tic
         tokens = accelerator.reduce(tokens.to(accelerator.device), reduction="sum").item()
-        record = {"split": "train", "step": done, "epoch": micro[-1].epoch + (micro[-1].index + 1) / max(
-            1, sum(1 for s in steps if s.epoch == micro[-1].epoch)), **last, "lr": scheduler.get_last_lr()[0],
+        epoch = micro[-1].epoch + (micro[-1].index + 1) / steps_per_epoch[micro[-1].epoch]
+        record = {"split": "train", "step": done, "epoch": epoch, **last, "lr": scheduler.get_last_lr()[0],
                   "tokens": int(tokens), "seconds": seconds, "tokens_per_second": tokens / seconds}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
@@ -258,6 +262,7 @@ def run(args) -> dict:
     log.close()
     save_model(accelerator, wrapper, tokenizer, out / "model")
     summary = {"updates": total_updates, "resumed_from": start, "train": last, "eval": final_eval,
+               "weak_negatives_per_prompt": sum(weak_drawn) / len(weak_drawn),
                "reference_logps_computed": computed, "seconds": time.perf_counter() - started,
                "world_size": world, "options": {k: v for k, v in vars(args).items()}}
     if accelerator.is_main_process:
