@@ -65,10 +65,10 @@ def progress_bar(accelerator, args, **kwargs):
     return tqdm(disable=args.no_progress or not accelerator.is_main_process, dynamic_ncols=True, **kwargs)
 
 
-def attach_reference(accelerator, args, split: Split, steps, reference, name: str) -> int:
+def attach_reference(accelerator, args, split: Split, steps, reference, model_hash: str, name: str) -> int:
     """Fill (or reuse) the on-disk reference cache for every sequence the steps will score; returns how many
-    log-probs were computed now."""
-    fingerprint = {"model": reference.fingerprint, "data": data_fingerprint(split.examples),
+    log-probs were computed now. model_hash: `model_fingerprint` of the reference's weights."""
+    fingerprint = {"model": model_hash, "data": data_fingerprint(split.examples),
                    "max_length": args.max_length, "reduction": reference.loss_options["reduction"],
                    "bf16": args.bf16}
     directory = Path(args.ref_cache_dir or Path(args.output_dir) / "reference-cache")
@@ -191,10 +191,11 @@ def run(args) -> dict:
     computed = 0
     if args.ref == "precompute":
         reference = ref_model or wrapper
-        reference.fingerprint = model_fingerprint(reference.model)  # the initial weights, before any step
-        computed = attach_reference(accelerator, args, train, steps[: total_updates * accum], reference, "train")
+        model_hash = model_fingerprint(reference.model)  # the initial weights, before any step
+        computed = attach_reference(accelerator, args, train, steps[: total_updates * accum], reference,
+                                    model_hash, "train")
         if evaluation:
-            computed += attach_reference(accelerator, args, evaluation, eval_steps, reference, "eval")
+            computed += attach_reference(accelerator, args, evaluation, eval_steps, reference, model_hash, "eval")
         say(f"reference: {computed} log-probs computed now, the others read from {train.cache.path.parent}")
         del reference, ref_model  # training holds one model
 
