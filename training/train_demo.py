@@ -28,9 +28,9 @@ RUNS = {  # name → (training data file, loss options)
     "dpo": ("train_pairs.jsonl", ["--loss", "dpo"]),
     "epa": ("train_multi.jsonl", ["--loss", "epa"]),
 }
-METRICS = (("pearson_mean", "Pearson (mean over prompts)"), ("slope_mean", "slope (mean over prompts)"),
-           ("pooled_pearson", "Pearson (pooled)"), ("pairwise_accuracy", "pairwise accuracy"),
-           ("win_rate", "greedy win rate vs reference"))
+METRICS = (("mean_pearson", "Pearson (mean over prompts)"), ("mean_slope", "slope (mean over prompts)"),
+           ("pooled_pearson", "Pearson (pooled)"), ("pooled_slope", "slope (pooled)"),
+           ("pairwise_accuracy", "pairwise accuracy"), ("win_rate", "greedy win rate vs reference"))
 
 
 def parse_args(argv=None):
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--bt-scale", type=float, default=1.0)
     p.add_argument("--num-weak", type=int, default=2, help="W weak negatives per prompt for EPA")
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--prompts-per-update", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
