@@ -117,7 +117,8 @@ def test_precomputed_cache_equals_live_reference_and_is_keyed(workdir, tmp_path)
     assert main(cli(workdir, out, "--max-steps", "2")) == 0
     args = parse_args(cli(workdir, out))
     tokenizer = tiny_tokenizer()
-    split = train_module.load_split(args.data, "train", tokenizer, args, 1, shuffle=True)
+    sharing = train_module.use_prefix_sharing(args.prefix_sharing, None)  # what the run chose (auto, CPU): on
+    split = train_module.load_split(args.data, "train", tokenizer, args, 1, shuffle=True, prefix_sharing=sharing)
     (cache_file,) = (out / "reference-cache").glob("ref-logps-*.pt")
     stored = torch.load(cache_file, weights_only=True)
     fingerprint = json.loads(stored["fingerprint"])
@@ -150,6 +151,7 @@ def test_reference_modes_model_and_none(workdir, tmp_path):
     (("--loss", "ipo", "--margin", "0.5"), "margin is not used"),
     (("--max-prompt-length", "600", "--max-length", "500"), "max-prompt-length"),
     (("--beta", "nan"), "--beta"),
+    (("--prefix-sharing", "on", "--attn", "flash_attention_2"), "needs attention that takes a mask"),
 ])
 def test_bad_options_are_rejected_before_loading(workdir, tmp_path, extra, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -176,6 +178,21 @@ def test_bad_rows_name_row_and_column(workdir, tmp_path, row, message, capsys):
     args[args.index("--data") + 1] = str(data)
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_prefix_sharing_on_and_off_train_alike(workdir, tmp_path, capsys):
+    """Same steps (the budget fits everything either way), same updates: only the layout differs."""
+    weights = {}
+    for mode in ("on", "off"):
+        out = tmp_path / mode
+        assert main(cli(workdir, out, "--max-steps", "2", "--ref", "model", "--max-tokens-per-batch", "5000",
+                        "--prefix-sharing", mode)) == 0
+        weights[mode] = saved_weights(out)
+    log = capsys.readouterr().out
+    assert "prefix sharing:" in log and "0." in log.split("prefix sharing:")[1].splitlines()[0]
+    assert weights["on"].keys() == weights["off"].keys()
+    for name in weights["on"]:
+        torch.testing.assert_close(weights["on"][name], weights["off"][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_infonca_needs_ranked_data(workdir, tmp_path, capsys):

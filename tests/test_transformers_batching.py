@@ -327,7 +327,7 @@ def test_scores():
 
 
 def test_fold_into_rows_places_every_token_once():
-    from epa_kernels.transformers.batching import fold_into_rows
+    from epa_kernels.transformers.rows import fold_into_rows
 
     lengths = [5, 1, 7, 3, 3, 2, 7]
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)

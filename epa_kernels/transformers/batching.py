@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from epa_kernels.transformers.data import PreferenceDataError, PreferenceExample
-
-IGNORE_INDEX = -100
+from epa_kernels.transformers.prefix_sharing import IGNORE_INDEX, pack_prefix_shared
 
 
 @dataclass(frozen=True)
@@ -59,12 +58,13 @@ class BatchPlanner:
     start); world_size: ranks sharing each step (a final step with fewer prompts than ranks is dropped: ranks
     must stay in step); shuffle: a seeded new order each epoch (else the data's order); max_prompts_per_batch:
     an optional cap on prompts per rank per step on top of the token budget (e.g. to give runs with different
-    numbers of responses per prompt the same number of updates).
+    numbers of responses per prompt the same number of updates); prefix_sharing: pack each prompt once for all
+    the responses scored under it (`prefix_sharing.py`), and count the budget that way.
     """
 
     def __init__(self, examples: Sequence[PreferenceExample], *, max_tokens_per_batch: int, num_weak: int = 0,
                  max_length: int | None = None, seed: int = 0, world_size: int = 1, shuffle: bool = True,
-                 max_prompts_per_batch: int | None = None):
+                 max_prompts_per_batch: int | None = None, prefix_sharing: bool = False):
         for name, value, low in (("max_tokens_per_batch", max_tokens_per_batch, 1), ("num_weak", num_weak, 0),
                                  ("world_size", world_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -84,6 +84,7 @@ class BatchPlanner:
         self.max_tokens, self.num_weak, self.max_length = max_tokens_per_batch, num_weak, max_length
         self.seed, self.world_size, self.shuffle = seed, world_size, shuffle
         self.max_prompts = max_prompts_per_batch
+        self.prefix_sharing = bool(prefix_sharing)
         if max_length is not None:
             for e in self.examples:
                 if len(e.prompt) >= max_length:
@@ -98,13 +99,17 @@ class BatchPlanner:
                 f"(weak negatives counted at their longest), more than max_tokens_per_batch={self.max_tokens}; "
                 "raise the budget or lower max_length / the number of negatives")
 
-    def _seq_len(self, prompt_len: int, response_len: int) -> int:
-        total = prompt_len + response_len
-        return total if self.max_length is None else min(total, self.max_length)
+    def _response_room(self, prompt_len: int, response_len: int) -> int:
+        return response_len if self.max_length is None else min(response_len, self.max_length - prompt_len)
 
     def _example_cost(self, example, longest_response) -> int:
-        own = sum(self._seq_len(len(example.prompt), len(r)) for r in example.responses)
-        return own + self.num_weak * self._seq_len(len(example.prompt), longest_response)
+        """Tokens of a prompt with its responses and W weak negatives at their longest, in the packed layout."""
+        lp = len(example.prompt)
+        responses = [self._response_room(lp, len(r)) for r in example.responses]
+        responses += [self._response_room(lp, longest_response)] * self.num_weak
+        if self.prefix_sharing:
+            return lp - 1 + sum(responses)
+        return sum(lp + n for n in responses)
 
     # -- planning -------------------------------------------------------------------------------------------
 
@@ -171,13 +176,39 @@ class BatchPlanner:
         source, response, under = key
         prompt = self.examples[under].prompt
         ids = self.examples[source].responses[response]
-        room = len(ids) if self.max_length is None else self.max_length - len(prompt)
-        return prompt, ids[:room]
+        return prompt, ids[: self._response_room(len(prompt), len(ids))]
+
+    def packed_length(self, keys: Sequence[tuple[int, int, int]]) -> int:
+        """Tokens `pack(keys)` puts in the row."""
+        total = 0
+        for under, group in self._segments(keys):
+            prompt = self.examples[under].prompt
+            responses = sum(len(self.sequence_tokens(key)[1]) for key in group)
+            total += (len(prompt) - 1 + responses) if self.prefix_sharing else len(group) * len(prompt) + responses
+        return total
+
+    @staticmethod
+    def _segments(keys):
+        """Runs of consecutive keys scored under the same prompt: [(prompt example, [keys])]."""
+        runs = []
+        for key in keys:
+            if runs and runs[-1][0] == key[2]:
+                runs[-1][1].append(key)
+            else:
+                runs.append((key[2], [key]))
+        return runs
 
     def pack(self, keys: Sequence[tuple[int, int, int]], device=None) -> dict:
         """Pack sequences into one row: input_ids / position_ids [1, N], cu_seqlens [S+1] int32, targets [N],
         keys [S, 3], max_seqlen. The target of a position is the next token, counted at response positions
-        only (from the last prompt token to the token before the last)."""
+        only (from the last prompt token to the token before the last). With prefix sharing, consecutive keys
+        under one prompt share it (`pack_prefix_shared`: adds cu_segments and branch_ids)."""
+        if self.prefix_sharing:
+            segments = [(self.examples[under].prompt, [self.sequence_tokens(key)[1] for key in group])
+                        for under, group in self._segments(keys)]
+            batch = pack_prefix_shared(segments, device)
+            batch["keys"] = torch.tensor(keys, dtype=torch.int64, device=device).view(-1, 3)
+            return batch
         input_ids, targets, lengths = [], [], []
         for key in keys:
             prompt, response = self.sequence_tokens(key)
@@ -222,53 +253,3 @@ class BatchPlanner:
         batch.update(groups=groups.to(device), num_strong=num_strong, num_prompts=len(prompts),
                      scores=None if scores is None else scores.to(device))
         return batch
-
-
-@dataclass(frozen=True)
-class RowLayout:
-    """Packed sequences folded into R rows of T tokens for attention without varlen kernels.
-
-    input_index [R, T]: the packed token at each row position (-1: padding); position_ids [R, T] restart per
-    sequence (padding forms its own short run, so it never joins a real sequence); token_index [N]: where each
-    packed token sits in the flattened rows, to bring the hidden states back into packed order.
-    """
-
-    input_index: torch.Tensor
-    position_ids: torch.Tensor
-    token_index: torch.Tensor
-
-
-def fold_into_rows(cu_seqlens: torch.Tensor) -> RowLayout:
-    """First-fit-decreasing bin packing of the sequences into rows as long as the longest one.
-
-    With a dense (document-causal) mask, attention over one packed row of N tokens costs N² however short its
-    sequences; rows of the longest sequence's length T cost about N·T, and padding stays small.
-    """
-    bounds = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    capacity = max(lengths)
-    rows, fill = [], []
-    for seq in sorted(range(len(lengths)), key=lambda s: -lengths[s]):
-        row = next((r for r, used in enumerate(fill) if used + lengths[seq] <= capacity), None)
-        if row is None:
-            rows.append([])
-            fill.append(0)
-            row = len(rows) - 1
-        rows[row].append(seq)
-        fill[row] += lengths[seq]
-    width = max(fill)
-    input_index = torch.full((len(rows), width), -1, dtype=torch.int64)
-    position_ids = torch.zeros(len(rows), width, dtype=torch.int64)
-    token_index = torch.empty(bounds[-1], dtype=torch.int64)
-    for r, seqs in enumerate(rows):
-        offset = 0
-        for seq in seqs:
-            length = lengths[seq]
-            packed = torch.arange(bounds[seq], bounds[seq] + length)
-            input_index[r, offset : offset + length] = packed
-            position_ids[r, offset : offset + length] = torch.arange(length)
-            token_index[packed] = r * width + offset + torch.arange(length)
-            offset += length
-        position_ids[r, offset:] = torch.arange(width - offset)
-    device = cu_seqlens.device
-    return RowLayout(input_index.to(device), position_ids.to(device), token_index.to(device))

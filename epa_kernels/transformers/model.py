@@ -19,7 +19,8 @@ from epa_kernels._validation import check_choice
 from epa_kernels.fused_loss import SEQUENCE_REDUCTIONS, fused_linear_preference_loss
 from epa_kernels.logprobs import linear_logprobs
 from epa_kernels.losses import LOSSES
-from epa_kernels.transformers.batching import fold_into_rows
+from epa_kernels.transformers.prefix_sharing import prefix_attention
+from epa_kernels.transformers.rows import fold_into_rows
 
 # Probe tolerance: max |ours − model's logits| / (max |logits| + 1), per dtype of the model.
 PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -119,28 +120,37 @@ class PreferenceModel(nn.Module):
         return getattr(self.model, "_no_split_modules", None)
 
     @property
+    def attn_implementation(self) -> str:
+        return str(getattr(self.model.config, "_attn_implementation", None) or "eager")
+
+    @property
     def varlen_attention(self) -> bool:
         """flash-attn kernels attend within each packed sequence at no cost for the row's length."""
-        return "flash" in str(getattr(self.model.config, "_attn_implementation", ""))
+        return "flash" in self.attn_implementation
 
     def hidden_states(self, batch) -> torch.Tensor:
         """Final hidden states [N, D] of the packed row; attention stays inside each sequence.
 
-        With no attention mask and restarting position_ids, transformers builds the packed (document-causal)
+        A prefix-shared batch (with branch_ids) gets its mask from `prefix_attention`. Otherwise, with no
+        attention mask and restarting position_ids, transformers builds the packed (document-causal)
         mask for sdpa, eager and flex_attention, and flash-attn runs varlen from the positions. Without flash-attn
         the sequences are first folded into rows as long as the longest one (`fold_into_rows`): a dense mask over
         one row of N tokens would cost N² in attention.
         """
-        input_ids, position_ids, layout = batch["input_ids"], batch["position_ids"], None
+        input_ids, position_ids, mask, token_index = batch["input_ids"], batch["position_ids"], None, None
         cu_seqlens = batch.get("cu_seqlens")
-        if cu_seqlens is not None and cu_seqlens.numel() > 2 and not self.varlen_attention:
+        if batch.get("branch_ids") is not None:  # prefix-shared segments: an explicit mask
+            attention = prefix_attention(batch, self.model.config, self.head.weight.dtype)
+            input_ids, position_ids = attention.input_ids, attention.position_ids
+            mask, token_index = attention.attention_mask, attention.token_index
+        elif cu_seqlens is not None and cu_seqlens.numel() > 2 and not self.varlen_attention:
             layout = fold_into_rows(cu_seqlens)
             input_ids = input_ids.reshape(-1)[layout.input_index.clamp(min=0)]
-            position_ids = layout.position_ids
-        output = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+            position_ids, token_index = layout.position_ids, layout.token_index
+        output = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        return hidden if layout is None else hidden[layout.token_index]
+        return hidden if token_index is None else hidden[token_index]
 
     def _head_tensors(self, hidden):
         """(hidden, weight, bias) in one dtype: under autocast the autocast dtype, as nn.Linear would run in."""

@@ -83,15 +83,15 @@ class ReferenceCache:
         os.replace(temporary, self.path)
 
 
-def token_budget_chunks(keys, lengths, max_tokens: int):
-    """Split keys (sorted by length, longest first) into chunks of at most max_tokens tokens (≥ 1 key each)."""
-    order = sorted(range(len(keys)), key=lambda i: -lengths[i])
+def token_budget_chunks(items, lengths, max_tokens: int):
+    """Split items (sorted by length, longest first) into chunks of at most max_tokens tokens (≥ 1 item each)."""
+    order = sorted(range(len(items)), key=lambda i: -lengths[i])
     chunk, used = [], 0
     for i in order:
         if chunk and used + lengths[i] > max_tokens:
             yield chunk
             chunk, used = [], 0
-        chunk.append(keys[i])
+        chunk.append(items[i])
         used += lengths[i]
     if chunk:
         yield chunk
@@ -110,14 +110,20 @@ def fill_reference_cache(cache: ReferenceCache, reference, planner, keys, *, max
     missing = cache.missing(keys)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    mine = missing[rank::world]
-    lengths = [sum(map(len, planner.sequence_tokens(k))) for k in mine]
+    # Keys scored under one prompt stay together (one segment when the planner shares prefixes); ranks split the
+    # segments, and chunks of whole segments fill the token budget.
+    segments = {}
+    for key in missing:
+        segments.setdefault(key[2], []).append(key)
+    mine = list(segments.values())[rank::world]
+    lengths = [planner.packed_length(segment) for segment in mine]
     bar = progress(len(missing)) if progress is not None and rank == 0 else None
     was_training = reference.training
     reference.eval()
     computed_keys, computed = [], []
     try:
         for chunk in token_budget_chunks(mine, lengths, max_tokens):
+            chunk = [key for segment in chunk for key in segment]
             batch = planner.pack(chunk, device)
             with autocast() if autocast is not None else contextlib.nullcontext():
                 logps = reference.sequence_logps(batch)

@@ -7,6 +7,7 @@ import math
 import torch
 
 from epa_kernels import LOSSES, preference_loss
+from epa_kernels.transformers.prefix_sharing import PREFIX_SHARING_MODES
 from training.models import ATTENTION
 
 REF_MODES = ("precompute", "model", "none")
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="W weak negatives per prompt: responses of other prompts of the step, scored under this one")
     d.add_argument("--max-tokens-per-batch", type=int, default=8192, help="token budget per rank per step")
     d.add_argument("--max-prompts-per-batch", type=int, help="optional cap on prompts per rank per step")
+    d.add_argument("--prefix-sharing", default="auto", choices=PREFIX_SHARING_MODES,
+                   help="encode each prompt once for all its responses, weak negatives included (policy and "
+                        "reference pass); auto: on unless attention is flash_attention_2, which takes no mask")
 
     loss = p.add_argument_group("loss")
     loss.add_argument("--loss", default="epa", choices=LOSSES)
@@ -123,6 +127,8 @@ def validate(args) -> argparse.Namespace:
     _check(args.loss != "simpo" or args.ref == "none", "--loss simpo is reference-free: use --ref none")
     _check(args.ref_model is None or args.ref != "none", "--ref-model needs --ref precompute or --ref model")
     _check(args.ref_cache_dir is None or args.ref == "precompute", "--ref-cache-dir needs --ref precompute")
+    _check(args.prefix_sharing != "on" or args.attn != "flash_attention_2",
+           "--prefix-sharing on needs attention that takes a mask (sdpa, eager, flex_attention), not flash_attention_2")
     _check(args.loss != "plackett_luce" or args.num_weak == 0,
            "--loss plackett_luce ranks a prompt's own responses; weak negatives have no rank: use --num-weak 0")
     # The loss options themselves (e.g. a margin the loss does not use), checked on a dummy group.

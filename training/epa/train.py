@@ -26,9 +26,9 @@ from epa_kernels.transformers import (
     read_preference_rows,
 )
 from training.epa.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
-from training.epa.cli import NEEDS_SCORES, loss_options
+from training.epa.cli import NEEDS_SCORES, TrainError, loss_options
 from training.epa.logs import MetricsLog, plot_curves
-from training.models import load_causal_lm, load_tokenizer
+from training.models import attention_implementation, load_causal_lm, load_tokenizer
 
 METRICS = ("loss", "margin", "accuracy", "reward_positive", "reward_strong", "reward_weak", "positive_prob")
 PAIRWISE_LOSSES = ("epa", "dpo", "ipo", "simpo", "sdpo")  # need a single best response per prompt
@@ -47,7 +47,17 @@ class Split:
         return batch
 
 
-def load_split(spec, split, tokenizer, args, world_size, *, shuffle):
+def use_prefix_sharing(choice: str, attn: str | None) -> bool:
+    """--prefix-sharing: auto → on unless flash-attn runs the model (its varlen kernels take no mask)."""
+    if choice == "auto":
+        return attn != "flash_attention_2"
+    if choice == "on" and attn == "flash_attention_2":
+        raise TrainError("--prefix-sharing on needs attention that takes a mask; --attn auto chose "
+                         "flash_attention_2 (flash-attn is installed): pass --attn sdpa or flex_attention")
+    return choice == "on"
+
+
+def load_split(spec, split, tokenizer, args, world_size, *, shuffle, prefix_sharing=False):
     rows = read_preference_rows(spec, split=split)
     tokenize = PreferenceTokenizer(tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                                    max_negatives=args.max_negatives, needs_scores=args.loss in NEEDS_SCORES,
@@ -55,7 +65,7 @@ def load_split(spec, split, tokenizer, args, world_size, *, shuffle):
     examples, stats = tokenize(rows)
     planner = BatchPlanner(examples, max_tokens_per_batch=args.max_tokens_per_batch, num_weak=args.num_weak,
                            max_length=args.max_length, seed=args.seed, world_size=world_size, shuffle=shuffle,
-                           max_prompts_per_batch=args.max_prompts_per_batch)
+                           max_prompts_per_batch=args.max_prompts_per_batch, prefix_sharing=prefix_sharing)
     return Split(examples, stats, planner)
 
 
@@ -156,9 +166,10 @@ def run(args) -> dict:
     say = accelerator.print
 
     tokenizer = load_tokenizer(args.model, args.gguf_file, online=args.online)
-    train = load_split(args.data, args.data_split, tokenizer, args, world, shuffle=True)
-    evaluation = (load_split(args.eval_data, args.eval_split, tokenizer, args, world, shuffle=False)
-                  if args.eval_data else None)
+    sharing = use_prefix_sharing(args.prefix_sharing, attention_implementation(args.attn, accelerator.device))
+    train = load_split(args.data, args.data_split, tokenizer, args, world, shuffle=True, prefix_sharing=sharing)
+    evaluation = (load_split(args.eval_data, args.eval_split, tokenizer, args, world, shuffle=False,
+                             prefix_sharing=sharing) if args.eval_data else None)
     steps = [step for epoch in range(args.epochs) for step in train.planner.plan_epoch(epoch)]
     eval_steps = evaluation.planner.plan_epoch(0) if evaluation else []
     steps_per_epoch = [sum(1 for step in steps if step.epoch == epoch) for epoch in range(args.epochs)]
@@ -170,6 +181,11 @@ def run(args) -> dict:
         f"{len(steps)} steps of ≤ {args.max_tokens_per_batch} tokens per rank × {world} rank(s) → "
         f"{total_updates} optimizer updates; truncated: {train.stats.prompts_truncated} prompts, "
         f"{train.stats.responses_truncated} responses; capped negatives: {train.stats.negatives_capped}")
+    if sharing:
+        shards = [train.planner.sequence_keys(shard) for step in steps for shard in step.shards]
+        shared = sum(train.planner.packed_length(keys) for keys in shards)
+        unshared = sum(sum(map(len, train.planner.sequence_tokens(key))) for keys in shards for key in keys)
+        say(f"prefix sharing: {shared} tokens through the model instead of {unshared} ({shared / unshared:.2f}×)")
     weak_drawn = [len(p.weak) for step in steps for shard in step.shards for p in shard]
     if args.num_weak and sum(weak_drawn) < args.num_weak * len(weak_drawn):
         say(f"warning: {args.num_weak} weak negatives asked per prompt, {sum(weak_drawn) / len(weak_drawn):.2f} "
