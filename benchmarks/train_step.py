@@ -2,6 +2,8 @@
 
     python -m benchmarks.train_step                     # SmolLM2-135M, 1 prompt of 256 + 4 responses of 512
     python -m benchmarks.train_step --impls fused unfused fused-gc unfused-gc --out bench-out/train-step
+    python -m benchmarks.train_step --prompt-tokens 2048 --response-tokens 256 --responses 16 \
+        --impls fused-gc shared-gc --what time      # prefix sharing: one 2k prompt, 1 + 3 + 12 responses
 
 Each implementation runs in fresh processes: the process loads the model, makes AdamW, and runs warm-up steps, so
 the optimizer state exists; then it measures steps (forward, backward, optimizer step, zero_grad). On CPU, memory
@@ -14,8 +16,11 @@ page of every activation in again and slow a step down several-fold). Reported p
 - `fused`: `PreferenceModel` (decoder → final hidden states → `fused_linear_preference_loss`), no logits;
 - `unfused`: the model's own forward to logits [N, V], log_softmax, gather, per-sequence sums, then
   `preference_loss` (what a plain transformers loop does);
+- `shared`: `fused` with prefix sharing: the prompt once, each response as a branch that sees it
+  (`epa_kernels.transformers.prefix_sharing`), so far fewer tokens go through the model;
 - `-gc` suffix: the same with gradient checkpointing of the decoder layers.
-Every sequence is packed into one row (position_ids restart per sequence), identical for all implementations.
+`fused` and `unfused` pack every sequence as prompt ⊕ response into one row (position_ids restart per
+sequence), the same batch for both; `shared` packs the same sequences in the prefix-shared layout.
 """
 from __future__ import annotations
 
@@ -32,14 +37,15 @@ import torch
 
 from benchmarks.harness import CPU_MEMORY_ENV, _proc_status, cpu_memory_exact, environment
 
-IMPLS = ("fused", "unfused", "fused-gc", "unfused-gc")
+IMPLS = ("fused", "unfused", "shared", "fused-gc", "unfused-gc", "shared-gc")
 TEXT = ("Preference optimisation trains a language model to rank the responses people prefer above the ones "
         "they reject. Each prompt comes with several answers: a good one, some weaker ones, and answers written "
         "for other questions. The model learns from all of them at once, which costs memory at every token. ")
 
 
-def build_batch(tokenizer, prompt_tokens: int, response_tokens: int, responses: int, device):
-    """One prompt and `responses` responses of real text, packed: the same batch for every implementation."""
+def build_batch(tokenizer, prompt_tokens: int, response_tokens: int, responses: int, device, *,
+                prefix_sharing: bool = False):
+    """One prompt and `responses` responses of real text, packed (prefix-shared or not)."""
     from epa_kernels.transformers import BatchPlanner, PreferenceExample
 
     ids = tokenizer(TEXT * (1 + (prompt_tokens + responses * response_tokens) // 40))["input_ids"]
@@ -47,7 +53,8 @@ def build_batch(tokenizer, prompt_tokens: int, response_tokens: int, responses: 
     answers = tuple(tuple(ids[prompt_tokens + i * 7 : prompt_tokens + i * 7 + response_tokens])
                     for i in range(responses))
     example = PreferenceExample(row=0, prompt=prompt, responses=answers)
-    planner = BatchPlanner([example], max_tokens_per_batch=(prompt_tokens + response_tokens) * responses)
+    planner = BatchPlanner([example], max_tokens_per_batch=(prompt_tokens + response_tokens) * responses,
+                           prefix_sharing=prefix_sharing)
     batch = planner.collate(planner.plan_epoch(0)[0].shards[0], device)
     # Fixed reference log-probs near what a 135M model gives per token (≈ −2.5): the loss is in its usual range.
     batch["ref_logps"] = -2.5 * response_tokens + torch.arange(responses, dtype=torch.float64, device=device)
@@ -91,9 +98,10 @@ def measure(impl: str, args) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     loss_kw = {"loss": "epa", "beta": 0.1}
-    step_module = PreferenceModel(model, **loss_kw) if impl.startswith("fused") else UnfusedStep(model, **loss_kw)
+    step_module = UnfusedStep(model, **loss_kw) if impl.startswith("unfused") else PreferenceModel(model, **loss_kw)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
-    batch = build_batch(tokenizer, args.prompt_tokens, args.response_tokens, args.responses, device)
+    batch = build_batch(tokenizer, args.prompt_tokens, args.response_tokens, args.responses, device,
+                        prefix_sharing=impl.startswith("shared"))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
 
     def step():
@@ -107,7 +115,7 @@ def measure(impl: str, args) -> dict:
         step()
     optimizer_state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                           if torch.is_tensor(t))
-    times, peaks, losses = [], [], []
+    times, peaks, process_peaks, losses = [], [], [], []
     for _ in range(args.repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -121,12 +129,15 @@ def measure(impl: str, args) -> dict:
         losses.append(step())
         if device.type == "cuda":
             torch.cuda.synchronize()
-            peaks.append(torch.cuda.max_memory_allocated() - base)
+            process_peaks.append(torch.cuda.max_memory_allocated())
         else:
-            peaks.append(_proc_status()["VmHWM"] - base)
+            process_peaks.append(_proc_status()["VmHWM"])
+        peaks.append(process_peaks[-1] - base)
         times.append(time.perf_counter() - tic)
+    # process_peak_bytes: the whole process's peak during the measured steps (model, optimizer state and all); an
+    # upper bound of live memory on CPU even under the default allocator, which may keep freed pages resident.
     result = {"impl": impl, "loss": losses[0], "tokens": batch["input_ids"].numel(), "weights_bytes": weights,
-              "optimizer_state_bytes": optimizer_state}
+              "optimizer_state_bytes": optimizer_state, "process_peak_bytes": max(process_peaks)}
     if args.measure in ("time", "both"):
         result.update(step_s=statistics.median(times), times_s=times)
     if args.measure in ("memory", "both"):
@@ -143,39 +154,51 @@ def run_in_subprocess(impl: str, argv: list[str], measure_what: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_implementation(impl: str, argv: list[str], device: torch.device) -> dict:
-    """Time and memory of one implementation: one process on CUDA, two on CPU (see the module docstring)."""
-    if device.type == "cuda":
-        return run_in_subprocess(impl, argv, "both")
+def run_implementation(impl: str, argv: list[str], device: torch.device, what: str = "both") -> dict:
+    """Time and/or memory of one implementation: one process on CUDA, two on CPU (see the module docstring)."""
+    if device.type == "cuda" or what == "time":
+        return run_in_subprocess(impl, argv, what)
+    if what == "memory":
+        return run_in_subprocess(impl, argv, "memory")
     timed = run_in_subprocess(impl, argv, "time")
     if "error" in timed:
         return timed
     measured = run_in_subprocess(impl, argv, "memory")
     if "error" in measured:
         return measured
-    return {**measured, **timed, "loss_memory_run": measured["loss"]}
+    return {**measured, **timed, "loss_memory_run": measured["loss"],
+            "process_peak_bytes": measured["process_peak_bytes"]}
 
 
 def markdown(results: list[dict], args, env: dict) -> str:
-    base = next((r for r in results if r["impl"] == "fused" and "error" not in r), None)
-    lines = ["| implementation | step s | × fused time | peak MiB above model + optimizer | × fused memory | loss |",
-             "|---|---:|---:|---:|---:|---:|"]
+    """The table; ratios are against the first implementation listed."""
+    base = next((r for r in results if "error" not in r), None)
+    name = base["impl"] if base else "first"
+    lines = [f"| implementation | tokens | step s | × {name} time | peak MiB above model + optimizer | "
+             f"× {name} memory | process peak MiB | loss |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cells(r, key, scale, digits):
+        if key not in r or key not in base:
+            return "—", "—"
+        return f"{r[key] / scale:.{digits}f}", f"{r[key] / base[key]:.2f}"
+
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['impl']} | — | — | — | — | error: {r['error']} |")
+            lines.append(f"| {r['impl']} | — | — | — | — | — | — | error: {r['error']} |")
             continue
-        time_ratio = f"{r['step_s'] / base['step_s']:.2f}" if base else "—"
-        memory_ratio = f"{r['peak_bytes'] / base['peak_bytes']:.2f}" if base else "—"
-        lines.append(f"| {r['impl']} | {r['step_s']:.2f} | {time_ratio} | {r['peak_bytes'] / 2**20:.0f} | "
-                     f"{memory_ratio} | {r['loss']:.6f} |")
+        step, step_ratio = cells(r, "step_s", 1, 2)
+        peak, peak_ratio = cells(r, "peak_bytes", 2**20, 0)
+        lines.append(f"| {r['impl']} | {r['tokens']} | {step} | {step_ratio} | {peak} | {peak_ratio} | "
+                     f"{r['process_peak_bytes'] / 2**20:.0f} | {r['loss']:.6f} |")
     first = next(r for r in results if "error" not in r)
     lines += ["", f"{env['device']}; torch {env['torch']}; commit {env['commit']}; {env['date']}. Model "
               f"{args.model}: weights {first['weights_bytes'] / 2**20:.0f} MiB, AdamW state "
               f"{first['optimizer_state_bytes'] / 2**20:.0f} MiB (fp32). One prompt of {args.prompt_tokens} tokens "
-              f"and {args.responses} responses of {args.response_tokens} ({first['tokens']} tokens packed); EPA "
+              f"and {args.responses} responses of {args.response_tokens}; EPA "
               f"loss, β = 0.1; median of {args.repeats} step(s) after {args.warmup} warm-up; memory = peak during a "
               "step (forward, backward, AdamW step) above the resident model and optimizer state, gradients "
-              "included; each implementation in its own processes (CPU: one for time, one for memory)."]
+              "included; process peak = the whole process (model, optimizer state, everything; from the memory run "
+              "when there is one); each implementation in its own processes (CPU: one for time, one for memory)."]
     return "\n".join(lines)
 
 
@@ -189,13 +212,17 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--what", choices=("both", "time", "memory"), default="both",
+                        help="measure time, memory or both (CPU: both takes two processes per implementation)")
     parser.add_argument("--out", help="directory for results.json and results.md")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=("time", "memory", "both"), default="both", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("prompt_tokens", "response_tokens", "repeats", "warmup"):
+    for name in ("prompt_tokens", "response_tokens", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    if args.warmup < (0 if args.what == "time" else 1):  # memory is measured above an existing AdamW state
+        parser.error("--warmup must be ≥ 1 (≥ 0 with --what time)")
     if args.responses < 2:
         parser.error("--responses must be ≥ 2 (a positive and a negative)")
     return args
@@ -210,7 +237,7 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args.worker, args)))
         return 0
     passthrough = [a for a in argv if a not in args.impls and a != "--impls"]
-    results = [run_implementation(impl, passthrough, torch.device(args.device)) for impl in args.impls]
+    results = [run_implementation(impl, passthrough, torch.device(args.device), args.what) for impl in args.impls]
     env = environment(torch.device(args.device))
     ok = [r for r in results if "error" not in r]
     if len(ok) > 1:

@@ -25,7 +25,23 @@ def test_train_step_benchmark_runs_and_agrees(tmp_path):
     assert recorded["environment"]["commit"] and "× fused time" in (out / "results.md").read_text()
 
 
-@pytest.mark.parametrize("argv", [["--responses", "1"], ["--prompt-tokens", "0"], ["--repeats", "0"]])
+def test_prefix_shared_step_runs_fewer_tokens_to_the_same_loss(tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_causal_lm("llama", seed=4).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "out"
+    assert train_step.main(["--model", str(model_dir), "--prompt-tokens", "20", "--response-tokens", "6",
+                            "--responses", "4", "--repeats", "1", "--warmup", "0", "--what", "time",
+                            "--device", "cpu", "--impls", "fused-gc", "shared-gc", "--out", str(out)]) == 0
+    fused, shared = json.loads((out / "results.json").read_text())["results"]
+    assert fused["tokens"] == 4 * 26 and shared["tokens"] == 19 + 4 * 6
+    assert "peak_bytes" not in shared and shared["step_s"] > 0
+    assert abs(fused["loss"] - shared["loss"]) < 1e-4
+    assert "× fused-gc time" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("argv", [["--responses", "1"], ["--prompt-tokens", "0"], ["--repeats", "0"],
+                                  ["--warmup", "0"]])
 def test_bad_sizes_are_rejected(argv):
     with pytest.raises(SystemExit) as exit_info:
         train_step.parse_args(argv)
