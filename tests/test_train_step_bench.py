@@ -35,13 +35,14 @@ def test_prefix_shared_step_runs_fewer_tokens_to_the_same_loss(tmp_path):
                             "--device", "cpu", "--impls", "fused-gc", "shared-gc", "--out", str(out)]) == 0
     fused, shared = json.loads((out / "results.json").read_text())["results"]
     assert fused["tokens"] == 4 * 26 and shared["tokens"] == 19 + 4 * 6
-    assert "peak_bytes" not in shared and shared["step_s"] > 0
+    assert "peak_bytes" not in shared and shared["step_s"] > 0 and shared["process_peak_bytes"] > 0
+    assert shared["optimizer_state_bytes"] > 0  # warmup 0: primed on zero gradients
     assert abs(fused["loss"] - shared["loss"]) < 1e-4
     assert "× fused-gc time" in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize("argv", [["--responses", "1"], ["--prompt-tokens", "0"], ["--repeats", "0"],
-                                  ["--warmup", "0"]])
+                                  ["--warmup", "-1"]])
 def test_bad_sizes_are_rejected(argv):
     with pytest.raises(SystemExit) as exit_info:
         train_step.parse_args(argv)

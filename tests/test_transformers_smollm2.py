@@ -2,7 +2,8 @@
 
 The fused preference loss through `PreferenceModel` equals the model's own materialised logits, each sequence run
 alone, for the loss, the sequence log-probs and every parameter's gradient (DESIGN §5 rule, fp64 truth); and the
-training program runs two updates from the GGUF file and saves a plain model that loads back.
+training program runs two updates from the GGUF file and saves a plain model that loads back; the prefix-shared
+layout gives the unshared one's log-probs and gradients.
 """
 import json
 
@@ -46,6 +47,31 @@ def test_fused_loss_equals_smollm2_logits(smollm2):
     batch["ref_logps"] = torch.linspace(-40, -20, batch["cu_seqlens"].numel() - 1, dtype=torch.float64)
     model.train()
     check_against_model_logits(model, batch, loss="epa", beta=0.1, weak_weight=0.5)
+
+
+def test_prefix_sharing_equals_unshared_on_smollm2(smollm2):
+    """Prefix-shared log-probs and all gradients equal the unshared layout's (fp32, the dense sdpa mask)."""
+    from test_prefix_sharing import logps_and_grads
+
+    from epa_kernels.transformers import PreferenceModel
+
+    model, tokenizer = smollm2
+    print(f"seed {SEED}")
+    examples, _ = PreferenceTokenizer(tokenizer, max_length=64)(ROWS)
+    common = dict(max_tokens_per_batch=2000, num_weak=1, seed=SEED)
+    unshared, shared = BatchPlanner(examples, **common), BatchPlanner(examples, prefix_sharing=True, **common)
+    prompts = shared.plan_epoch(0)[0].shards[0]
+    wrapper = PreferenceModel(model)
+    model.train()
+    expected, expected_grads = logps_and_grads(wrapper, unshared.collate(prompts))
+    batch = shared.collate(prompts)
+    assert batch["input_ids"].shape[1] < unshared.collate(prompts)["input_ids"].shape[1]
+    logps, grads = logps_and_grads(wrapper, batch)
+    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=2e-4)
+    assert grads.keys() == expected_grads.keys() and len(grads) > 100
+    for name in grads:
+        scale = expected_grads[name].abs().max().item() + 1e-12
+        assert (grads[name] - expected_grads[name]).abs().max().item() <= 1e-3 * scale, name
 
 
 def test_training_program_on_smollm2(tmp_path):
