@@ -134,6 +134,18 @@ def test_attention_windows_follow_the_config():
     config.layer_types = ["full_attention", "chunked_attention"]
     with pytest.raises(ValueError, match="chunked_attention"):
         attention_windows(config)
+    with pytest.raises(ValueError, match="bidirectionally"):
+        attention_windows(tiny_config("gemma3", use_bidirectional_attention=True))
+
+
+def test_sdpa_rows_past_its_cuda_limit_are_refused():
+    from epa_kernels.transformers.prefix_sharing import SDPA_CUDA_MAX_ROW, check_mask_width
+
+    check_mask_width("sdpa", SDPA_CUDA_MAX_ROW, torch.device("cuda"))
+    check_mask_width("sdpa", 10 * SDPA_CUDA_MAX_ROW, torch.device("cpu"))
+    check_mask_width("flex_attention", 10 * SDPA_CUDA_MAX_ROW, torch.device("cuda"))
+    with pytest.raises(ValueError, match="flex_attention"):
+        check_mask_width("sdpa", SDPA_CUDA_MAX_ROW + 1, torch.device("cuda"))
 
 
 def test_flash_attention_is_refused():
@@ -147,8 +159,10 @@ def test_flash_attention_is_refused():
 # -- exactness against the unshared layout --------------------------------------------------------------------------
 
 
-def tiny(arch, attn, dtype=torch.float64, window=None):
+def tiny(arch, attn, dtype=torch.float64, window=None, layer_types=None):
     overrides = {"sliding_window": window} if window is not None else {}
+    if layer_types is not None:
+        overrides["layer_types"] = layer_types
     lm = tiny_causal_lm(arch, seed=SEED, dtype=dtype, attn=attn, **overrides)
     with torch.no_grad():  # peaked distributions, so that a wrong context shows in the log-probs
         lm.get_output_embeddings().weight.mul_(25.0)
@@ -162,22 +176,28 @@ def logps_and_grads(wrapper, batch):
     return logps.detach(), {n: p.grad.clone() for n, p in wrapper.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("arch, attn, window", [
-    ("llama", "sdpa", None),
-    ("llama", "eager", None),
-    ("llama_tied", "sdpa", None),
-    ("qwen2", "sdpa", None),
-    ("mistral", "sdpa", 3),
-    ("gemma2", "eager", 3),
-    ("gemma3", "sdpa", 3),
+MIXED = ["sliding_attention", "full_attention"]  # one mask per layer type, as Gemma-2/3 and Cohere-2 interleave
+
+
+@pytest.mark.parametrize("arch, attn, window, layer_types", [
+    ("llama", "sdpa", None, None),
+    ("llama", "eager", None, None),
+    ("llama_tied", "sdpa", None, None),
+    ("qwen2", "sdpa", None, None),
+    ("mistral", "sdpa", 3, None),
+    ("gemma2", "eager", 3, None),
+    ("gemma3", "sdpa", 3, None),
+    ("gemma3", "sdpa", 3, MIXED),
 ])
-def test_shared_equals_unshared(arch, attn, window):
+def test_shared_equals_unshared(arch, attn, window, layer_types):
     """Hidden states at every counted position (fp64, so any leak stands far above rounding), then per-sequence
     log-probs and every parameter's gradient (fp32, the kernels' dtype): packed rows of several prompts, ragged
     responses, one-token responses and prompts, weak negatives."""
-    lm = tiny(arch, attn, window=window)
+    lm = tiny(arch, attn, window=window, layer_types=layer_types)
     if window is not None:
         assert lm.config.sliding_window == window
+    if layer_types is not None:
+        assert lm.config.layer_types == layer_types
     wrapper = PreferenceModel(lm)
     unshared, shared = planners(ragged_examples())
     prompts = one_step(shared)
@@ -193,8 +213,9 @@ def test_shared_equals_unshared(arch, attn, window):
     logps, grads = logps_and_grads(wrapper, batch)
     torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-4)
     assert expected_grads.keys() == grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    for name in grads:  # fp32 rounding, relative to each tensor's scale (element-wise it depends on the CPU's SIMD)
+        error = (grads[name] - expected_grads[name]).abs().max().item()
+        assert error <= 1e-5 * expected_grads[name].abs().max().item(), f"{name}: max error {error:.3e}"
 
 
 def test_a_mask_without_branches_differs():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_causal_lm, tiny_tokenizer
+from tiny_models import tiny_causal_lm, tiny_config, tiny_tokenizer
 
 from epa_kernels.transformers import BatchPlanner, PreferenceModel, PreferenceTokenizer, ReferenceCache
 from training.epa import train as train_module
@@ -117,7 +117,7 @@ def test_precomputed_cache_equals_live_reference_and_is_keyed(workdir, tmp_path)
     assert main(cli(workdir, out, "--max-steps", "2")) == 0
     args = parse_args(cli(workdir, out))
     tokenizer = tiny_tokenizer()
-    sharing = train_module.use_prefix_sharing(args.prefix_sharing, None)  # what the run chose (auto, CPU): on
+    sharing, _ = train_module.use_prefix_sharing(args.prefix_sharing, None, tiny_config("llama_tied"))  # auto, CPU: on
     split = train_module.load_split(args.data, "train", tokenizer, args, 1, shuffle=True, prefix_sharing=sharing)
     (cache_file,) = (out / "reference-cache").glob("ref-logps-*.pt")
     stored = torch.load(cache_file, weights_only=True)
@@ -158,6 +158,19 @@ def test_bad_options_are_rejected_before_loading(workdir, tmp_path, extra, messa
         main(cli(workdir, tmp_path / "x", *extra))
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_prefix_sharing_auto_falls_back_where_it_cannot_mask():
+    choose = train_module.use_prefix_sharing
+    assert choose("auto", "sdpa", tiny_config("llama")) == (True, "")
+    assert choose("off", "sdpa", tiny_config("llama"))[0] is False
+    on, why = choose("auto", "flash_attention_2", tiny_config("llama"))
+    assert not on and "flash_attention_2" in why
+    bidirectional = tiny_config("gemma3", use_bidirectional_attention=True)
+    on, why = choose("auto", "sdpa", bidirectional)
+    assert not on and "bidirectionally" in why
+    with pytest.raises(train_module.TrainError, match="bidirectionally"):
+        choose("on", "sdpa", bidirectional)
 
 
 def test_unknown_loss_is_an_argparse_error(workdir, tmp_path, capsys):

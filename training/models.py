@@ -67,6 +67,18 @@ def load_tokenizer(spec: str, gguf_file: str | None = None, *, online: bool = Fa
     return tokenizer
 
 
+def load_config(spec: str, gguf_file: str | None = None, *, online: bool = False):
+    """The model's transformers config (a GGUF file's too), without loading weights."""
+    from transformers import AutoConfig
+
+    path, gguf_file = resolve_model(spec, gguf_file, online=online)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=not online, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the config of {spec!r}: {error}") from error
+
+
 def load_causal_lm(spec: str, gguf_file: str | None = None, *, attn: str = "auto", dtype=torch.float32,
                    device="cpu", online: bool = False):
     """A plain (never quantized) transformers causal LM in `dtype` on `device`."""

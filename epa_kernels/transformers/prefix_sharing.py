@@ -26,6 +26,9 @@ from epa_kernels.transformers.rows import fold_into_rows
 
 IGNORE_INDEX = -100
 FLEX_BLOCK = 128  # FlexAttention's block size: rows are padded to a multiple, so one compiled kernel serves a bucket
+# SDPA's memory-efficient CUDA kernel indexes an explicit mask with 32-bit offsets and silently reads wrong rows
+# once queries × keys pass 2**32 (pytorch#162588; seen here as a NaN loss at 67,583 tokens on an H200).
+SDPA_CUDA_MAX_ROW = 2**16
 
 PREFIX_SHARING_MODES = ("auto", "on", "off")
 
@@ -89,6 +92,8 @@ class PrefixAttention:
 def attention_windows(config) -> dict[str | None, int | None]:
     """{layer type: sliding window or None} the masks must reproduce; key None: one mask for every layer."""
     config = getattr(config, "text_config", None) or config
+    if getattr(config, "use_bidirectional_attention", False):  # e.g. Gemma-3 embedding variants: not causal
+        raise ValueError("prefix sharing masks causal attention; this model attends bidirectionally")
     window = getattr(config, "sliding_window", None)
     layer_types = set(getattr(config, "layer_types", None) or ())
     unknown = layer_types - {"full_attention", "sliding_attention"}
@@ -115,6 +120,7 @@ def prefix_attention(batch: dict, config, dtype: torch.dtype = torch.float32) ->
     index = layout.input_index
     real = index >= 0
     rows, width = index.shape
+    check_mask_width(implementation, width, index.device)
     # Segment of every row position; padding gets ids past the real ones, one run per row, so it attends only to
     # itself and earlier padding (no empty softmax rows).
     segment_of_token = torch.repeat_interleave(
@@ -135,6 +141,14 @@ def prefix_attention(batch: dict, config, dtype: torch.dtype = torch.float32) ->
 
     masks = {layer_type: mask(window) for layer_type, window in windows.items()}
     return PrefixAttention(input_ids, positions, masks.pop(None) if None in masks else masks, layout.token_index)
+
+
+def check_mask_width(implementation: str, width: int, device: torch.device) -> None:
+    """Refuse a dense mask that SDPA's CUDA kernels would apply wrongly (see SDPA_CUDA_MAX_ROW)."""
+    if implementation == "sdpa" and torch.device(device).type == "cuda" and width > SDPA_CUDA_MAX_ROW:
+        raise ValueError(f"a prefix-shared row of {width} tokens is past what SDPA's CUDA kernels mask correctly "
+                         f"({SDPA_CUDA_MAX_ROW}; pytorch#162588): load the model with attn_implementation="
+                         "'flex_attention' (training: --attn flex_attention), or lower max_tokens_per_batch")
 
 
 def dense_prefix_mask(segment: torch.Tensor, branch: torch.Tensor, positions: torch.Tensor,

@@ -97,6 +97,23 @@ def token_budget_chunks(items, lengths, max_tokens: int):
         yield chunk
 
 
+def prompt_segments(keys, planner, max_tokens: int):
+    """Keys grouped by the prompt they are scored under, each group cut into runs whose packed length fits
+    max_tokens (a run holds ≥ 1 key): over several epochs one prompt gathers many weak negatives."""
+    by_prompt = {}
+    for key in keys:
+        by_prompt.setdefault(key[2], []).append(key)
+    for prompt_keys in by_prompt.values():
+        run = []
+        for key in prompt_keys:
+            if run and planner.packed_length([*run, key]) > max_tokens:
+                yield run
+                run = []
+            run.append(key)
+        if run:
+            yield run
+
+
 @torch.no_grad()
 def fill_reference_cache(cache: ReferenceCache, reference, planner, keys, *, max_tokens: int, device=None,
                          autocast=None, progress=None) -> int:
@@ -110,12 +127,9 @@ def fill_reference_cache(cache: ReferenceCache, reference, planner, keys, *, max
     missing = cache.missing(keys)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    # Keys scored under one prompt stay together (one segment when the planner shares prefixes); ranks split the
-    # segments, and chunks of whole segments fill the token budget.
-    segments = {}
-    for key in missing:
-        segments.setdefault(key[2], []).append(key)
-    mine = list(segments.values())[rank::world]
+    # Keys scored under one prompt stay together (one segment when the planner shares prefixes) as far as the token
+    # budget allows; ranks split the segments, and chunks of whole segments fill the budget.
+    mine = list(prompt_segments(missing, planner, max_tokens))[rank::world]
     lengths = [planner.packed_length(segment) for segment in mine]
     bar = progress(len(missing)) if progress is not None and rank == 0 else None
     was_training = reference.training

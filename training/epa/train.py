@@ -25,10 +25,11 @@ from epa_kernels.transformers import (
     model_fingerprint,
     read_preference_rows,
 )
+from epa_kernels.transformers.prefix_sharing import attention_windows
 from training.epa.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
 from training.epa.cli import NEEDS_SCORES, TrainError, loss_options
 from training.epa.logs import MetricsLog, plot_curves
-from training.models import attention_implementation, load_causal_lm, load_tokenizer
+from training.models import attention_implementation, load_causal_lm, load_config, load_tokenizer
 
 METRICS = ("loss", "margin", "accuracy", "reward_positive", "reward_strong", "reward_weak", "positive_prob")
 PAIRWISE_LOSSES = ("epa", "dpo", "ipo", "simpo", "sdpo")  # need a single best response per prompt
@@ -47,14 +48,25 @@ class Split:
         return batch
 
 
-def use_prefix_sharing(choice: str, attn: str | None) -> bool:
-    """--prefix-sharing: auto → on unless flash-attn runs the model (its varlen kernels take no mask)."""
-    if choice == "auto":
-        return attn != "flash_attention_2"
-    if choice == "on" and attn == "flash_attention_2":
-        raise TrainError("--prefix-sharing on needs attention that takes a mask; --attn auto chose "
-                         "flash_attention_2 (flash-attn is installed): pass --attn sdpa or flex_attention")
-    return choice == "on"
+def use_prefix_sharing(choice: str, attn: str | None, config) -> tuple[bool, str]:
+    """--prefix-sharing → (on?, why not): auto → on unless flash-attn runs the model (its varlen kernels take no
+    mask) or the model's attention is one the prefix masks cannot reproduce; on → the same checks, as errors."""
+    if choice == "off":
+        return False, "--prefix-sharing off"
+    reason = None
+    if attn == "flash_attention_2":
+        reason = ("flash_attention_2 takes no mask (--attn auto chose it when flash-attn is installed; pass --attn "
+                  "sdpa or flex_attention)")
+    else:
+        try:
+            attention_windows(config)
+        except ValueError as error:
+            reason = str(error)
+    if reason is None:
+        return True, ""
+    if choice == "on":
+        raise TrainError(f"--prefix-sharing on: {reason}")
+    return False, reason
 
 
 def load_split(spec, split, tokenizer, args, world_size, *, shuffle, prefix_sharing=False):
@@ -166,7 +178,10 @@ def run(args) -> dict:
     say = accelerator.print
 
     tokenizer = load_tokenizer(args.model, args.gguf_file, online=args.online)
-    sharing = use_prefix_sharing(args.prefix_sharing, attention_implementation(args.attn, accelerator.device))
+    sharing, why_not = use_prefix_sharing(args.prefix_sharing, attention_implementation(args.attn, accelerator.device),
+                                          load_config(args.model, args.gguf_file, online=args.online))
+    if args.prefix_sharing == "auto" and not sharing:
+        say(f"prefix sharing off: {why_not}")
     train = load_split(args.data, args.data_split, tokenizer, args, world, shuffle=True, prefix_sharing=sharing)
     evaluation = (load_split(args.eval_data, args.eval_split, tokenizer, args, world, shuffle=False,
                              prefix_sharing=sharing) if args.eval_data else None)
@@ -181,7 +196,7 @@ def run(args) -> dict:
         f"{len(steps)} steps of ≤ {args.max_tokens_per_batch} tokens per rank × {world} rank(s) → "
         f"{total_updates} optimizer updates; truncated: {train.stats.prompts_truncated} prompts, "
         f"{train.stats.responses_truncated} responses; capped negatives: {train.stats.negatives_capped}")
-    if sharing:
+    if sharing and steps:
         shards = [train.planner.sequence_keys(shard) for step in steps for shard in step.shards]
         shared = sum(train.planner.packed_length(keys) for keys in shards)
         unshared = sum(sum(map(len, train.planner.sequence_tokens(key))) for keys in shards for key in keys)
