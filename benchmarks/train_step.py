@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -104,7 +105,7 @@ def measure(impl: str, args) -> dict:
 
     device = torch.device(args.device)
     tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model, device=device)
+    model = load_causal_lm(args.model, device=device, attn=args.attn)
     if impl.endswith("-gc"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -147,6 +148,8 @@ def measure(impl: str, args) -> dict:
             process_peaks.append(_proc_status()["VmHWM"])
         peaks.append(process_peaks[-1] - base)
         times.append(time.perf_counter() - tic)
+    if not all(map(math.isfinite, losses)):  # a broken step is a failure, not a data point
+        raise SystemExit(f"{impl}: non-finite loss {losses} at {batch['input_ids'].numel()} tokens")
     # process_peak_bytes: the whole process's peak during the measured steps (model, optimizer state and all); an
     # upper bound of live memory on CPU even under the default allocator, which may keep freed pages resident.
     result = {"impl": impl, "loss": losses[0], "tokens": batch["input_ids"].numel(), "weights_bytes": weights,
@@ -225,6 +228,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--attn", default="auto", help="attention implementation (training.models.ATTENTION; "
+                        "default auto: flash_attention_2 with flash-attn on CUDA, else the model's default)")
     parser.add_argument("--what", choices=("both", "time", "memory"), default="both",
                         help="measure time, memory or both (CPU: both takes two processes per implementation)")
     parser.add_argument("--out", help="directory for results.json and results.md")

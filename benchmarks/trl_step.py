@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -164,6 +165,8 @@ def run(args) -> dict:
     if len(measured) != args.repeats or shapes[args.warmup][0] != 2 * pairs:
         raise SystemExit(f"expected {args.repeats} measured steps of {2 * pairs} rows; got {len(measured)} steps, "
                          f"batches {shapes}")
+    if meter.loss is None or not math.isfinite(meter.loss):  # a broken step is a failure, not a data point
+        raise SystemExit(f"TRL logged no finite loss for the first measured step: {meter.loss}")
     # process_peak_bytes: the whole process's peak during the measured steps, whatever --measure says (an upper
     # bound of live memory on CPU under the default allocator, which may keep freed pages resident).
     result = {"impl": impl_name(args), "pairs": pairs, "tokens": shapes[args.warmup][0] * shapes[args.warmup][1],

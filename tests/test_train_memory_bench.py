@@ -35,7 +35,7 @@ def test_sweep_stops_at_the_budget_and_records(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--responses", "1"], ["--prompt-tokens", "0"], ["--budget-gib", "0"],
-                                  ["--impls", "liger"]])
+                                  ["--warmup", "-1"], ["--impls", "liger"]])
 def test_bad_arguments(argv):
     with pytest.raises(SystemExit) as exit_info:
         train_memory.parse_args(argv)
