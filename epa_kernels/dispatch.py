@@ -22,7 +22,9 @@ class BackendInfo(NamedTuple):
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs kernels in its interpreter: Triton's own reading of TRITON_INTERPRET (1, true, yes or
+    on, any case), the one rule for this whole package."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @functools.cache

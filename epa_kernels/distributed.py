@@ -11,18 +11,46 @@ import torch
 import torch.distributed as dist
 
 
-def sequence_counts(count: int, device, group=None) -> list[int]:
-    """Every rank's number of sequences, in rank order."""
+def exchange_counts(count: int, device, group=None, error: BaseException | None = None) -> list[int]:
+    """Every rank's number of sequences, in rank order, gathered once per call together with whether the rank's
+    inputs failed its local checks (`error`). If any rank failed, every rank raises here, so none is left waiting
+    in a later collective that the failed rank never reaches."""
     _check_initialised()
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([count], dtype=torch.int64, device=device), group=group)
-    return [int(s) for s in sizes]
+    mine = torch.tensor([count, int(error is not None)], dtype=torch.int64, device=device)
+    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    _raise_together(error, [int(part[1]) for part in parts])
+    return [int(part[0]) for part in parts]
+
+
+def collective_device(group, like) -> torch.device:
+    """Where this rank's collectives run: its CUDA device under NCCL, else `like`'s device (CPU if not a tensor)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return like.device if isinstance(like, torch.Tensor) else torch.device("cpu")
+
+
+def agree(error: BaseException | None, device, group=None) -> None:
+    """Raise on every rank if any rank's check failed: this rank's own error, or one naming the failed ranks."""
+    _check_initialised()
+    flag = torch.tensor([int(error is not None)], dtype=torch.int64, device=device)
+    parts = [torch.zeros_like(flag) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, flag, group=group)
+    _raise_together(error, [int(part) for part in parts])
+
+
+def _raise_together(error, failed: list[int]) -> None:
+    if error is not None:
+        raise error
+    if any(failed):
+        ranks = [rank for rank, bad in enumerate(failed) if bad]
+        raise ValueError(f"rank(s) {ranks} of the process group rejected their inputs (their errors say why); "
+                         "this rank stops with them")
 
 
 class _AllGatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, group):
-        sizes = sequence_counts(values.shape[0], values.device, group)
+    def forward(ctx, values, group, sizes):
         width = max(sizes)
         padded = values.new_zeros(width)
         padded[: values.shape[0]] = values
@@ -36,7 +64,7 @@ class _AllGatherRows(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         start = sum(ctx.sizes[: ctx.rank])
-        return grad[start : start + ctx.sizes[ctx.rank]], None
+        return grad[start : start + ctx.sizes[ctx.rank]], None, None
 
 
 def _check_initialised():
@@ -44,12 +72,18 @@ def _check_initialised():
         raise ValueError("process_group was given but torch.distributed is not initialised")
 
 
-def all_gather_sequences(values: torch.Tensor, group=None) -> torch.Tensor:
-    """Concatenate every rank's [S_r] values in rank order → [Σ S_r], differentiable w.r.t. this rank's."""
+def all_gather_sequences(values: torch.Tensor, group=None, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate every rank's [S_r] values in rank order → [Σ S_r], differentiable w.r.t. this rank's.
+    sizes: every rank's S_r when already known (from `exchange_counts`), else gathered here."""
     _check_initialised()
     if values.dim() != 1:
         raise ValueError(f"expected per-sequence values [S], got shape {tuple(values.shape)}")
+    if sizes is None:
+        sizes = exchange_counts(values.shape[0], values.device, group)
+    elif sizes[dist.get_rank(group)] != values.shape[0]:
+        raise ValueError(f"sizes[{dist.get_rank(group)}] = {sizes[dist.get_rank(group)]} but this rank holds "
+                         f"{values.shape[0]} values")
     if values.requires_grad:
-        return _AllGatherRows.apply(values, group)
+        return _AllGatherRows.apply(values, group, sizes)
     with torch.no_grad():
-        return _AllGatherRows.apply(values, group)
+        return _AllGatherRows.apply(values, group, sizes)

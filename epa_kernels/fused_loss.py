@@ -30,14 +30,13 @@ class FusedLinearPreferenceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, seq_ids, token_scale, num_seqs, kernels, temperature, softcap,
-                loss_fn, process_group, outputs):
+                loss_fn, process_group, counts, outputs):
         logp, lse, _ = kernels.forward(hidden, weight, bias, targets, temperature=temperature, softcap=softcap)
         seq_logps = sequence_sums(logp * token_scale, seq_ids, num_seqs)  # float64 through the group loss
         start = 0
-        if process_group is not None:
-            counts = distributed.sequence_counts(num_seqs, seq_logps.device, process_group)
+        if process_group is not None:  # counts: every rank's sequence count, gathered once by the caller
             start = sum(counts[: dist.get_rank(process_group)])
-            seq_logps = distributed.all_gather_sequences(seq_logps, process_group)
+            seq_logps = distributed.all_gather_sequences(seq_logps, process_group, counts)
         with torch.enable_grad():
             leaf = seq_logps.detach().requires_grad_()
             loss, metrics = loss_fn(leaf)
@@ -61,7 +60,37 @@ class FusedLinearPreferenceFunction(torch.autograd.Function):
             temperature=ctx.temperature, softcap=ctx.softcap, need_hidden=ctx.needs_input_grad[0],
             need_weight=ctx.needs_input_grad[1], need_bias=bias is not None and ctx.needs_input_grad[2],
         )
-        return (d_hidden, d_weight, d_bias) + (None,) * 10
+        return (d_hidden, d_weight, d_bias) + (None,) * 11
+
+
+def _check_local(hidden, weight, targets, bias, cu_seqlens, ignore_index, reduction, loss, temperature, softcap,
+                 backend, ref_logps, ref_hidden, ref_weight, ref_bias):
+    """The checks of one rank's own inputs → (layout, kernels, temperature, softcap, this rank's ref_logps)."""
+    layout = check_linear_inputs(hidden, weight, targets, bias, cu_seqlens, ignore_index)
+    check_choice("reduction", reduction, SEQUENCE_REDUCTIONS)
+    check_choice("loss", loss, LOSSES)
+    temperature, softcap, _ = check_logit_options(temperature, softcap, None)
+    _, kernels = resolve_backend(backend, hidden.device)
+    if ref_hidden is not None:
+        if ref_logps is not None:
+            raise ValueError("pass ref_logps or ref_hidden, not both")
+        if ref_weight is None:  # the policy's head would silently stop being the reference once it trains
+            raise ValueError("ref_hidden needs ref_weight, the reference model's LM head weight [V, D] (to mean the "
+                             "policy's current head, pass weight.detach() explicitly)")
+        with torch.no_grad():
+            ref_logps = linear_logprobs(
+                ref_hidden, ref_weight, targets, ref_bias,
+                cu_seqlens=cu_seqlens, ignore_index=ignore_index, reduction=reduction, temperature=temperature,
+                softcap=softcap, backend=backend,
+            )
+    elif ref_weight is not None or ref_bias is not None:
+        raise ValueError("ref_weight/ref_bias need ref_hidden")
+    if ref_logps is not None:
+        if not isinstance(ref_logps, torch.Tensor) or ref_logps.shape != (layout.num_seqs,):
+            raise ValueError(f"ref_logps must have one value per sequence [S] = [{layout.num_seqs}], "
+                             f"got {tuple(getattr(ref_logps, 'shape', ()))}")
+        ref_logps = ref_logps.detach()
+    return layout, kernels, temperature, softcap, ref_logps
 
 
 def fused_linear_preference_loss(hidden, weight, targets, groups, *, bias=None, cu_seqlens=None, ref_logps=None,
@@ -73,53 +102,56 @@ def fused_linear_preference_loss(hidden, weight, targets, groups, *, bias=None, 
     hidden [N, D] packed with cu_seqlens [S+1] (or [B, T, D] padded, S = B), weight [V, D], targets
     [N] / [B, T] already shifted with ignore_index, groups [P, G] over the S sequences (see
     `make_groups`; global indices with `process_group`). reduction: "sum" or "mean" (SimPO-style)
-    per-sequence log-prob. The reference: `ref_logps` [S], or a reference model's `ref_hidden` (with
-    `ref_weight`/`ref_bias`, default the policy's head) run through the same kernel without grad, or
-    neither (reference-free). `loss` and `**loss_kw` (beta, num_strong, weak_weight, positive_weight,
+    per-sequence log-prob. The reference: `ref_logps` [S], or a reference model's `ref_hidden` with its own
+    head `ref_weight` (required) and `ref_bias`, run through the same kernel without grad, or neither
+    (reference-free). `loss` and `**loss_kw` (beta, num_strong, weak_weight, positive_weight,
     weights, scores, score_temperature, margin, label_smoothing) are those of `preference_loss`.
     metrics also holds "policy_logps" [S] (detached) for logging.
     """
-    layout = check_linear_inputs(hidden, weight, targets, bias, cu_seqlens, ignore_index)
-    check_choice("reduction", reduction, SEQUENCE_REDUCTIONS)
-    check_choice("loss", loss, LOSSES)
-    temperature, softcap, _ = check_logit_options(temperature, softcap, None)
-    _, kernels = resolve_backend(backend, hidden.device)
-    if ref_hidden is not None:
+    # With a process group every rank checks its inputs and the ranks agree before any rank goes on, so a bad
+    # input raises on every rank instead of leaving the others waiting in a collective.
+    distributed_error = None
+    try:
+        layout, kernels, temperature, softcap, ref_logps = _check_local(
+            hidden, weight, targets, bias, cu_seqlens, ignore_index, reduction, loss, temperature, softcap, backend,
+            ref_logps, ref_hidden, ref_weight, ref_bias)
+    except (ValueError, TypeError) as error:
+        if process_group is None:
+            raise
+        layout, distributed_error = None, error
+    counts = None
+    if process_group is not None:
+        device = distributed.collective_device(process_group, hidden)
+        counts = distributed.exchange_counts(layout.num_seqs if layout else 0, device, process_group,
+                                             distributed_error)
+    total = layout.num_seqs if counts is None else sum(counts)
+    try:  # groups and loss options against the global sequence count; no loss is computed
+        group_rewards(torch.zeros(total, device=hidden.device),
+                      None if ref_logps is None else torch.zeros(total, device=hidden.device),
+                      groups, loss=loss, **loss_kw)
+    except (ValueError, TypeError) as error:
+        if process_group is None:
+            raise
+        distributed_error = error
+    if process_group is not None:
+        distributed.agree(distributed_error, device, process_group)
         if ref_logps is not None:
-            raise ValueError("pass ref_logps or ref_hidden, not both")
-        with torch.no_grad():
-            ref_logps = linear_logprobs(
-                ref_hidden, weight.detach() if ref_weight is None else ref_weight, targets,
-                (None if bias is None else bias.detach()) if ref_weight is None else ref_bias,
-                cu_seqlens=cu_seqlens, ignore_index=ignore_index, reduction=reduction, temperature=temperature,
-                softcap=softcap, backend=backend,
-            )
-    elif ref_weight is not None or ref_bias is not None:
-        raise ValueError("ref_weight/ref_bias need ref_hidden")
-    if ref_logps is not None and ref_logps.shape != (layout.num_seqs,):
-        raise ValueError(f"ref_logps must have one value per sequence [S] = [{layout.num_seqs}], "
-                         f"got {tuple(ref_logps.shape)}")
-    if ref_logps is not None:
-        ref_logps = ref_logps.detach()
-        if process_group is not None:
-            ref_logps = distributed.all_gather_sequences(ref_logps, process_group)
+            ref_logps = distributed.all_gather_sequences(ref_logps, process_group, counts)
 
     def loss_fn(policy_logps):
         return preference_loss(policy_logps, ref_logps, groups, loss=loss, **loss_kw)
 
-    if process_group is None:  # validate groups and options before the kernels run (no loss computed)
-        group_rewards(torch.zeros(layout.num_seqs, device=hidden.device), ref_logps, groups, loss=loss, **loss_kw)
-
     tokens = prepare_tokens(hidden, targets, layout, ignore_index)
-    counts = torch.bincount(tokens.seq_ids, minlength=layout.num_seqs)
     if reduction == "mean":
-        token_scale = 1.0 / counts.clamp(min=1)[tokens.seq_ids].float()
+        per_sequence = torch.bincount(tokens.seq_ids, minlength=layout.num_seqs)
+        token_scale = 1.0 / per_sequence.clamp(min=1)[tokens.seq_ids].float()
     else:
         token_scale = torch.ones(tokens.seq_ids.shape, device=hidden.device)
     outputs = {}
     value = FusedLinearPreferenceFunction.apply(
         tokens.hidden, weight.contiguous(), None if bias is None else bias.contiguous(), tokens.targets,
-        tokens.seq_ids, token_scale, layout.num_seqs, kernels, temperature, softcap, loss_fn, process_group, outputs,
+        tokens.seq_ids, token_scale, layout.num_seqs, kernels, temperature, softcap, loss_fn, process_group, counts,
+        outputs,
     )
     return value, {**outputs["metrics"], "policy_logps": outputs["seq_logps"]}
 

@@ -70,6 +70,9 @@ class LinearLogProbsFunction(torch.autograd.Function):
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
 
+FILTERING_BACKENDS = ("triton",)  # backends whose backward implements filter_eps
+
+
 def check_logit_options(temperature, softcap, filter_eps):
     """Validated (temperature, softcap, filter_eps) of the logit transform and the gradient filter."""
     temperature = check_positive_finite("temperature", temperature)
@@ -136,7 +139,11 @@ def linear_logprobs(
     layout = check_linear_inputs(hidden, weight, targets, bias, cu_seqlens, ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
     temperature, softcap, filter_eps = check_logit_options(temperature, softcap, filter_eps)
-    _, kernels = resolve_backend(backend, hidden.device)
+    name, kernels = resolve_backend(backend, hidden.device)
+    if filter_eps and name not in FILTERING_BACKENDS:  # never accept an approximation and silently not make it
+        raise ValueError(f"filter_eps is implemented by the {', '.join(FILTERING_BACKENDS)} backend only; backend "
+                         f"{name!r} (from backend={backend!r}) computes the exact gradient: drop filter_eps or pass "
+                         "backend='triton'")
     tokens = prepare_tokens(hidden, targets, layout, ignore_index)
     index, seq_ids, num_tokens = tokens.index, tokens.seq_ids, layout.seq_ids.numel()
 

@@ -102,6 +102,7 @@ _LOSS_FUNCTIONS = {
 _USES_MARGIN = ("epa", "dpo", "simpo", "sdpo")
 _USES_LABEL_SMOOTHING = ("dpo", "simpo")
 _NEEDS_NEGATIVE = ("dpo", "simpo", "ipo")
+_UNWEIGHTED = ("nca", "plackett_luce")  # their terms are not per-response exponentials to weight
 
 
 def _check_per_group(name, value, shape, device):
@@ -143,6 +144,9 @@ def group_rewards(policy_logps, ref_logps, groups, *, loss="epa", beta=0.1, num_
         raise ValueError(f"margin is not used by loss={loss!r} (only {', '.join(_USES_MARGIN)})")
     if label_smoothing != 0 and loss not in _USES_LABEL_SMOOTHING:
         raise ValueError(f"label_smoothing is not used by loss={loss!r} (only {', '.join(_USES_LABEL_SMOOTHING)})")
+    if loss in _UNWEIGHTED and (weights is not None or weak_weight != 1.0 or positive_weight != 1.0):
+        raise ValueError(f"loss={loss!r} does not weight responses: weights, weak_weight and positive_weight are "
+                         "not used by it (leave them at their defaults)")
 
     mask = check_groups(groups, num_seqs, ordered=loss == "plackett_luce")
     if groups.device != policy_logps.device:
@@ -177,6 +181,10 @@ def group_rewards(policy_logps, ref_logps, groups, *, loss="epa", beta=0.1, num_
     multiplier = torch.where(column == 0, positive_weight, torch.where(column > num_strong, weak_weight, 1.0))
     multiplier = multiplier.to(dtype).expand(num_prompts, size) * (weights.to(dtype) if weights is not None else 1.0)
     usable = mask & (multiplier > 0)
+    if loss in _NEEDS_NEGATIVE and not bool((usable & (strong | weak)).any(1).all()):
+        row = int((~(usable & (strong | weak)).any(1)).nonzero()[0])
+        raise ValueError(f"groups row {row}: every negative has weight 0 (weak_weight={weak_weight}, weights), so "
+                         f"loss={loss!r}'s weighted mean over negatives is undefined")
     log_weight = torch.where(usable, multiplier.clamp(min=1e-30).log(), _MASKED)
 
     targets = None
@@ -210,6 +218,38 @@ def preference_metrics(g: GroupedRewards) -> dict[str, torch.Tensor]:
     return metrics
 
 
+def _gather_checked(policy_logps, ref_logps, groups, process_group, **options):
+    """Every rank's log-probs, after every rank checked its inputs and the ranks agreed (a bad input on one rank
+    raises on all of them rather than hanging the others in the backward's all-reduce)."""
+    from epa_kernels import distributed
+
+    error, count = None, 0
+    try:
+        check_tensor("policy_logps", policy_logps, dims=(1,))
+        count = policy_logps.shape[0]
+        if ref_logps is not None:
+            check_tensor("ref_logps", ref_logps, dims=(1,))
+            if ref_logps.shape[0] != count:
+                raise ValueError(f"ref_logps must have one value per sequence [S] = [{count}], "
+                                 f"got {tuple(ref_logps.shape)}")
+    except (ValueError, TypeError) as caught:
+        error = caught
+    device = distributed.collective_device(process_group, policy_logps)
+    counts = distributed.exchange_counts(count, device, process_group, error)
+    total = sum(counts)
+    try:
+        group_rewards(torch.zeros(total, device=policy_logps.device),
+                      None if ref_logps is None else torch.zeros(total, device=policy_logps.device), groups,
+                      **options)
+    except (ValueError, TypeError) as caught:
+        error = caught
+    distributed.agree(error, device, process_group)
+    policy_logps = distributed.all_gather_sequences(policy_logps, process_group, counts)
+    if ref_logps is not None:
+        ref_logps = distributed.all_gather_sequences(ref_logps.detach(), process_group, counts)
+    return policy_logps, ref_logps
+
+
 def preference_loss(policy_logps, ref_logps, groups, *, loss="epa", beta=0.1, num_strong=None, weak_weight=1.0,
                     positive_weight=1.0, weights=None, scores=None, score_temperature=1.0, margin=0.0,
                     label_smoothing=0.0, process_group=None):
@@ -229,13 +269,11 @@ def preference_loss(policy_logps, ref_logps, groups, *, loss="epa", beta=0.1, nu
     every negative) and mean softmax probability of the positive.
     """
     if process_group is not None:
-        from epa_kernels.distributed import all_gather_sequences
-
-        check_tensor("policy_logps", policy_logps, dims=(1,))
-        policy_logps = all_gather_sequences(policy_logps, process_group)
-        if ref_logps is not None:
-            check_tensor("ref_logps", ref_logps, dims=(1,))
-            ref_logps = all_gather_sequences(ref_logps.detach(), process_group)
+        policy_logps, ref_logps = _gather_checked(policy_logps, ref_logps, groups, process_group, loss=loss, beta=beta,
+                                                  num_strong=num_strong, weak_weight=weak_weight,
+                                                  positive_weight=positive_weight, weights=weights, scores=scores,
+                                                  score_temperature=score_temperature, margin=margin,
+                                                  label_smoothing=label_smoothing)
     g = group_rewards(policy_logps, ref_logps, groups, loss=loss, beta=beta, num_strong=num_strong,
                       weak_weight=weak_weight, positive_weight=positive_weight, weights=weights, scores=scores,
                       score_temperature=score_temperature, margin=margin, label_smoothing=label_smoothing)

@@ -1,5 +1,7 @@
 """Shared fixtures: backend parametrisation, the 2×-reference error rule, output poisoning."""
 import os
+import zlib
+from collections import Counter
 
 import pytest
 import torch
@@ -16,6 +18,19 @@ FUSED_BACKENDS = ("triton", "native", "torch")
 
 # Slack added to 2× the same-dtype reference error, relative to the fp64 value's norm.
 SLACK = {torch.float32: 1e-6, torch.bfloat16: 1e-4, torch.float16: 1e-5}
+
+
+_draws = Counter()
+
+
+def fresh_seed() -> int:
+    """A new fixed seed for each draw of the running test: its node id and draw number hashed, so every run of a
+    test draws the same inputs. Printed (pytest shows it with a failure) so a failure reproduces."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+    _draws[test] += 1
+    seed = zlib.crc32(f"{test}#{_draws[test]}".encode()) % 2**31
+    print(f"seed {seed} ({test}, draw {_draws[test]})")
+    return seed
 
 
 def pytest_collection_modifyitems(config, items):

@@ -105,3 +105,106 @@ def test_global_negatives_equal_single_process(fused):
     torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([r["d_hidden"] for r in ranks]), WORLD * d_hidden, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(sum(r["d_weight"] for r in ranks), WORLD * d_weight, rtol=1e-4, atol=1e-6)
+
+
+# -- unequal ranks and bad input on one rank ------------------------------------------------------------------------
+
+UNEQUAL_PROMPTS = (2, 1)  # rank 0 holds two prompts, rank 1 one: the gather pads rank 1's sequences
+
+
+def unequal_split(batch):
+    """Rank r holds UNEQUAL_PROMPTS[r] prompts (and their sequences); groups keep their global indices."""
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), batch["lengths"].cumsum(0)])
+    first = [0, UNEQUAL_PROMPTS[0]]
+    parts = []
+    for rank, prompts in enumerate(UNEQUAL_PROMPTS):
+        seq = slice(first[rank] * SIZE, (first[rank] + prompts) * SIZE)
+        tok = slice(int(offsets[seq.start]), int(offsets[seq.stop]))
+        parts.append({"hidden": batch["hidden"][tok], "targets": batch["targets"][tok],
+                      "cu_seqlens": offsets[seq.start : seq.stop + 1] - offsets[seq.start],
+                      "groups": batch["groups"][first[rank] : first[rank] + prompts],
+                      "ref_logps": batch["ref_logps"][seq]})
+    return parts
+
+
+def unequal_batch():
+    """Three prompts of 1 + STRONG + WEAK; each prompt's weak negatives are the next prompt's responses."""
+    gen = torch.Generator().manual_seed(7)
+    prompts = sum(UNEQUAL_PROMPTS)
+    lengths = torch.randint(2, 7, (prompts * SIZE,), generator=gen)
+    tokens = int(lengths.sum())
+    groups = make_groups(prompts, STRONG, WEAK)
+    for p in range(prompts):
+        groups[p, 1 + STRONG :] = ((p + 1) % prompts) * SIZE + torch.arange(WEAK)
+    return {"lengths": lengths, "hidden": torch.randn(tokens, DIM, generator=gen),
+            "weight": torch.randn(VOCAB, DIM, generator=gen) / DIM**0.5,
+            "targets": torch.randint(0, VOCAB, (tokens,), generator=gen), "groups": groups,
+            "ref_logps": torch.randn(prompts * SIZE, generator=gen) - 10}
+
+
+def scenario_worker(rank, init_file, scenario, fused, out_dir):
+    from datetime import timedelta
+
+    # A short timeout turns a hang (one rank raised, the other waits) into a failure instead of a stuck test.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        batch = unequal_batch()
+        mine = unequal_split(batch)[rank]
+        hidden = mine["hidden"].clone().requires_grad_()
+        weight = batch["weight"].clone().requires_grad_()
+        groups = mine["groups"]
+        if scenario == "bad-groups" and rank == 1:
+            groups = groups.clone()
+            groups[0, -1] = 10_000  # past the global sequence count: only this rank can see it is wrong
+        args = dict(cu_seqlens=mine["cu_seqlens"], ref_logps=mine["ref_logps"], num_strong=STRONG, weak_weight=0.5,
+                    backend="torch")
+        try:
+            loss, _ = run_loss(fused, hidden, weight, mine["targets"], groups, args, dist.group.WORLD)
+            d_hidden, d_weight = torch.autograd.grad(loss, (hidden, weight))
+            result = {"loss": loss.detach(), "d_hidden": d_hidden, "d_weight": d_weight}
+        except ValueError as error:
+            result = {"error": str(error)}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_scenario(scenario, fused):
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(scenario_worker, args=(os.path.join(out_dir, "init"), scenario, fused, out_dir), nprocs=WORLD,
+                 join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_unequal_sequence_counts_per_rank_equal_one_process(fused):
+    """Rank 0 holds 8 sequences, rank 1 holds 4 (the gather pads): Σ_r loss_r and its gradients equal one process
+    computing each rank's loss over the whole batch."""
+    ranks = run_scenario("unequal", fused)
+    assert all("error" not in r for r in ranks), ranks
+    batch = unequal_batch()
+    hidden = batch["hidden"].clone().requires_grad_()
+    weight = batch["weight"].clone().requires_grad_()
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), batch["lengths"].cumsum(0)])
+    args = dict(cu_seqlens=cu, ref_logps=batch["ref_logps"], num_strong=STRONG, weak_weight=0.5, backend="torch")
+    bounds = [0, UNEQUAL_PROMPTS[0], sum(UNEQUAL_PROMPTS)]
+    losses = [run_loss(fused, hidden, weight, batch["targets"], batch["groups"][bounds[r] : bounds[r + 1]], args)[0]
+              for r in range(WORLD)]
+    d_hidden, d_weight = torch.autograd.grad(sum(losses), (hidden, weight))
+    for rank, expected in zip(ranks, losses, strict=True):
+        torch.testing.assert_close(rank["loss"], expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r["d_hidden"] for r in ranks]), d_hidden, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sum(r["d_weight"] for r in ranks), d_weight, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_bad_groups_on_one_rank_raise_on_every_rank(fused):
+    """Rank 1's groups index past the global sequence count: it raises the reason, rank 0 raises naming rank 1,
+    and neither hangs."""
+    ranks = run_scenario("bad-groups", fused)
+    assert "error" in ranks[1] and "groups" in ranks[1]["error"], ranks[1]
+    assert "error" in ranks[0] and "rank(s) [1]" in ranks[0]["error"], ranks[0]

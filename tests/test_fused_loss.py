@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import BACKEND_PARAMS, DEVICE, assert_matches_reference
+from conftest import BACKEND_PARAMS, DEVICE, assert_matches_reference, fresh_seed
 
 import epa_kernels
 from epa_kernels import (
@@ -22,7 +22,7 @@ SEQS = PROMPTS * (1 + STRONG + WEAK)
 
 def make_batch(dtype=torch.float32, *, bias=True, seed=None):
     """Packed ragged sequences (one with a prompt run, one fully ignored) and groups with a shared weak negative."""
-    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
     lengths = torch.randint(1, 9, (SEQS,), generator=gen)
     cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     total = int(cu_seqlens[-1])
@@ -180,6 +180,7 @@ BAD = [
     ({"beta": math.nan}, ValueError, "beta"),
     ({"reduction": "none"}, ValueError, "reduction"),
     ({"ref_weight": torch.zeros(VOCAB, DIM)}, ValueError, "ref_hidden"),
+    ({"ref_hidden": torch.zeros(7, DIM), "ref_logps": None}, ValueError, "ref_hidden needs ref_weight"),
 ]
 
 
@@ -201,7 +202,7 @@ def test_bad_input_fails_before_the_kernels(overrides, error, text, monkeypatch)
 def test_long_sequences_keep_precision(backend):
     """Sequence log-probs near −3000 whose differences drive the loss: summed in float64, so DPO on 512-token
     responses stays within 2× the materialised fp32 reference's error (a sequential fp32 sum fails this)."""
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(fresh_seed())
     vocab, dim, length = 256, 16, 512
     hidden = torch.randn(4 * length, dim, generator=gen).to(DEVICE).requires_grad_()
     weight = (torch.randn(vocab, dim, generator=gen) / dim**0.5).to(DEVICE).requires_grad_()

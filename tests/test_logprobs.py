@@ -1,7 +1,7 @@
 """linear_logprobs on every fused backend against the materialised fp64 reference (DESIGN §5)."""
 import pytest
 import torch
-from conftest import BACKEND_PARAMS, DEVICE, assert_matches_reference
+from conftest import BACKEND_PARAMS, DEVICE, assert_matches_reference, fresh_seed
 
 import epa_kernels
 from epa_kernels import reference
@@ -12,7 +12,7 @@ LENGTHS = [1, 6, 0, 9, 4, 13]  # ragged, a length-1 and an empty sequence
 
 def make_case(layout, dtype, *, bias=False, seed=None, vocab=VOCAB, dim=DIM, lengths=LENGTHS):
     """Fresh random inputs with ignore_index runs and one fully-ignored sequence (index 3)."""
-    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
     if layout == "packed":
         total = sum(lengths)
         targets = torch.randint(0, vocab, (total,), generator=gen)
@@ -214,3 +214,12 @@ def test_auto_backend_choice():
     available = epa_kernels.backends()
     assert available["torch"].available
     assert set(available) == {"triton", "native", "torch"}
+
+
+def test_torch_backend_chunks_by_tokens_within_a_memory_cap():
+    """Chunks of ≥ 256 tokens (the head is re-read once per chunk), bounded in bytes beyond that."""
+    from epa_kernels.ops.torch_logprobs import CHUNK_BYTES, MIN_CHUNK_TOKENS, _chunk_size
+
+    assert _chunk_size(8192, 128256) == MIN_CHUNK_TOKENS == 256  # was 16: 512 reads of a 1 GB bf16 head
+    assert _chunk_size(8192, 4000) * 4 * 4000 <= CHUNK_BYTES and _chunk_size(8192, 4000) > MIN_CHUNK_TOKENS
+    assert _chunk_size(100, 128256) == 100 and _chunk_size(0, 50) == 1

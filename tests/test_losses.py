@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fresh_seed
 
 from epa_kernels import make_groups, preference_loss
 
@@ -12,7 +13,7 @@ BETA = 0.3
 
 def random_batch(num_prompts=4, num_strong=2, num_weak=3, *, seed=None, shared_weak=False, pad=True):
     """Log-probs for S sequences and groups with padding and (optionally) weak negatives shared by prompts."""
-    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
     groups = make_groups(num_prompts, num_strong, num_weak)
     if shared_weak:  # every prompt's weak negatives are the next prompt's positive and strong responses
         size = groups.shape[1]
@@ -202,6 +203,14 @@ BAD = [
     ({"label_smoothing": 0.5}, ValueError, "label_smoothing"),
     ({"loss": "nca", "margin": 1.0}, ValueError, "margin"),
     ({"loss": "dpo", "groups": torch.tensor([[0, -1], [2, 3]])}, ValueError, "no negative"),
+    ({"loss": "dpo", "num_strong": 1, "weak_weight": 0.0, "groups": torch.tensor([[0, -1, 2, 3], [4, 5, 6, 7]])},
+     ValueError, "every negative has weight 0"),
+    ({"loss": "ipo", "weights": torch.tensor([[1.0, 1, 1, 1], [1, 0, 0, 0]])}, ValueError, "groups row 1"),
+    ({"loss": "simpo", "ref_logps": None, "weights": torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 1]])}, ValueError,
+     "weight 0"),
+    ({"loss": "nca", "weights": torch.ones(2, 4)}, ValueError, "does not weight"),
+    ({"loss": "plackett_luce", "weak_weight": 0.5}, ValueError, "does not weight"),
+    ({"loss": "nca", "positive_weight": 2.0}, ValueError, "does not weight"),
     ({"weights": torch.ones(2, 3)}, ValueError, "weights"),
     ({"weights": -torch.ones(2, 4)}, ValueError, "weights"),
     ({"loss": "plackett_luce", "groups": torch.tensor([[0, -1, 2, 3]])}, ValueError, "ordered"),

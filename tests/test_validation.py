@@ -51,6 +51,7 @@ CASES = [
     ({"softcap": -1.0}, ValueError, "softcap"),
     ({"ignore_index": 1.5}, TypeError, "ignore_index"),
     ({"filter_eps": float("inf")}, ValueError, "filter_eps"),
+    ({"filter_eps": 1e-3, "backend": "torch"}, ValueError, "computes the exact gradient"),
 ]
 
 
@@ -76,19 +77,26 @@ def test_padded_targets_shape():
 def test_required_backends_are_available():
     """`make test` names the backends this machine must have (EPA_REQUIRE_BACKENDS), so none is skipped silently."""
     required = os.environ.get("EPA_REQUIRE_BACKENDS", "").split()
+    if not required:
+        pytest.skip("EPA_REQUIRE_BACKENDS is unset (make test sets it): nothing is required here")
     available = epa_kernels.backends()
+    unknown = sorted(set(required) - set(available))
+    assert not unknown, f"EPA_REQUIRE_BACKENDS names unknown backends {unknown}"
     missing = {name: available[name].detail for name in required if not available[name].available}
     assert not missing, f"required backends unavailable: {missing}"
 
 
-def test_native_backend_rejects_other_devices_or_is_unavailable():
-    info = epa_kernels.backends()["native"]
-    if info.available:
-        out = call(backend="native")
-        assert out.shape == (2,)
-    else:
+def test_native_backend_rejects_other_devices():
+    from epa_kernels.dispatch import resolve_backend
+
+    if not epa_kernels.backends()["native"].available:
         with pytest.raises(ValueError, match="native"):
             call(backend="native")
+        return
+    assert call(backend="native").shape == (2,)
+    for device in ("cuda", "meta"):
+        with pytest.raises(ValueError, match="runs on CPU tensors"):
+            resolve_backend("native", torch.device(device))
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
@@ -99,3 +107,13 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         pytest.skip("CPU-only check")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         call(backend="triton")
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "on", "0", "false", "", "2", "off"])
+def test_one_reading_of_triton_interpret_and_it_is_tritons(monkeypatch, value):
+    """dispatch and the Triton backend read TRITON_INTERPRET the way Triton itself does."""
+    knobs = pytest.importorskip("triton.knobs", reason="Triton ≥ 3.4 exposes its reading as triton.knobs")
+    from epa_kernels.dispatch import triton_interpreting
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_interpreting() == bool(knobs.runtime.interpret)

@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import torch
 
-# Bytes of fp32 logits one chunk may hold; the chunk shrinks with V so memory stays bounded.
-CHUNK_BYTES = 8 * 1024 * 1024
+# Chunks are chosen by tokens: each chunk re-reads the whole head W [V, D], so a chunk of a few tokens at a large
+# vocabulary (16 at V = 128256 under a plain byte cap) re-reads it hundreds of times and runs thin GEMMs. A chunk
+# holds at least MIN_CHUNK_TOKENS tokens, more while its fp32 logits fit CHUNK_BYTES; a few [chunk, V] buffers
+# are live at once (256 tokens at V = 128256: 125 MiB each).
+MIN_CHUNK_TOKENS = 256
+CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def _chunk_size(num_tokens: int, vocab: int) -> int:
-    return max(1, min(num_tokens, CHUNK_BYTES // (4 * vocab)))
+    return max(1, min(num_tokens, max(MIN_CHUNK_TOKENS, CHUNK_BYTES // (4 * vocab))))
 
 
 def _logits(h, weight, bias, temperature, softcap):

@@ -22,14 +22,15 @@ hidden and weight with tensor-core dots (fp32 accumulation) and reduces it on th
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from epa_kernels.dispatch import triton_interpreting
+
+_INTERPRET = triton_interpreting()
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
