@@ -223,3 +223,26 @@ def test_torch_backend_chunks_by_tokens_within_a_memory_cap():
     assert _chunk_size(8192, 128256) == MIN_CHUNK_TOKENS == 256  # was 16: 512 reads of a 1 GB bf16 head
     assert _chunk_size(8192, 4000) * 4 * 4000 <= CHUNK_BYTES and _chunk_size(8192, 4000) > MIN_CHUNK_TOKENS
     assert _chunk_size(100, 128256) == 100 and _chunk_size(0, 50) == 1
+
+
+def production_configs():
+    from epa_kernels.ops import triton_logprobs as kernels
+
+    names = ["_FORWARD_CONFIG", "_FORWARD_CONFIG_FEW_TOKENS", "_BACKWARD_CONFIG", "_BACKWARD_CONFIG_FEW_TOKENS",
+             "_FP32_CONFIG"]
+    return {name: getattr(kernels, name) for name in names}
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="on a GPU every test already runs the production configs")
+@pytest.mark.parametrize("name", list(production_configs()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_production_config_runs_in_the_interpreter(name, dtype, monkeypatch):
+    """The big GPU tiles, not only the interpreter's small one, on 130 tokens, D = 128, V = 300: ragged edges in
+    every dimension, with bias, softcap and the entropy, forward and backward against the fp64 reference."""
+    if not epa_kernels.backends()["triton"].available:
+        pytest.skip("triton not installed")
+    from epa_kernels.ops import triton_logprobs as kernels
+
+    monkeypatch.setattr(kernels, "_INTERPRET_CONFIG", production_configs()[name])
+    case = make_case("packed", dtype, bias=True, vocab=300, dim=128, lengths=[1, 50, 79])
+    check_against_reference("triton", case, softcap=20.0, return_entropy=True)

@@ -259,17 +259,18 @@ class _Config:
 
 # The interpreter is slow and runs any config: use small tiles so tests cover many tiles and edges.
 _INTERPRET_CONFIG = _Config(block_m=16, block_v=32, block_d=16, num_warps=1, num_stages=1)
-# Hopper configs, chosen so ptxas (sm_90a) spills at most ~100 bytes with every feature on:
-# 128 x 256 tiles with 64-wide D steps are the classic bf16 GEMM sweet spot, but the entropy
-# epilogue keeps z and e^(z - m) live together, which only fits with 128-wide vocab tiles. Few
-# tokens get 64-row tiles so less tensor-core work is wasted on padding (that regime is bound by
-# streaming the weight).
-_FORWARD_CONFIG = _Config(block_m=128, block_v=256, block_d=64, num_warps=8, num_stages=3)
-_FORWARD_CONFIG_ENTROPY = _Config(block_m=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
-_FORWARD_CONFIG_FEW_TOKENS = _Config(block_m=64, block_v=256, block_d=64, num_warps=8, num_stages=3)
-# Backward holds the fp32 logits tile, then dz plus two [*, 64] fp32 partial products: 128 x 128.
-_BACKWARD_CONFIG = _Config(block_m=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
-_BACKWARD_CONFIG_FEW_TOKENS = _Config(block_m=64, block_v=128, block_d=64, num_warps=4, num_stages=3)
+# GPU configs, chosen with `python -m benchmarks.kernel_report` (registers and spills from ptxas, no GPU
+# needed) so that the bf16/fp16 hot paths spill nothing on sm_90a while keeping 128-wide tensor-core
+# (wgmma) tiles. The limit is the fp32 logits tile [BLOCK_M, BLOCK_V] held beside its exponentials (forward)
+# or beside dz and the [*, BLOCK_D] partial products (backward): with 64-wide D steps a 128 × 128 tile
+# spilled 456 B (forward) and 528 B (backward); 32-wide steps spill none, at twice the loop trips (the
+# entropy epilogue included, so the forward needs no separate config for it). Few
+# tokens get 64-row tiles so less tensor-core work is wasted on padding (that regime streams the weight).
+# Every config fits the per-block shared memory of sm_80, sm_86, sm_89 and sm_90 (tests/test_kernel_report.py).
+_FORWARD_CONFIG = _Config(block_m=128, block_v=128, block_d=32, num_warps=8, num_stages=3)
+_FORWARD_CONFIG_FEW_TOKENS = _Config(block_m=64, block_v=256, block_d=32, num_warps=8, num_stages=3)
+_BACKWARD_CONFIG = _Config(block_m=128, block_v=128, block_d=32, num_warps=8, num_stages=3)
+_BACKWARD_CONFIG_FEW_TOKENS = _Config(block_m=64, block_v=128, block_d=32, num_warps=8, num_stages=3)
 # Exact fp32 dots run on CUDA cores (no wgmma) and need far more registers per tile.
 _FP32_CONFIG = _Config(block_m=128, block_v=64, block_d=16, num_warps=8, num_stages=2)
 _BACKWARD_GROUP_M = 8
@@ -279,12 +280,15 @@ _FEW_TOKENS = 64
 _PROGRAMS_PER_SM = 4
 
 
-def _config(num_tokens: int, dtype: torch.dtype, many: _Config, few: _Config) -> _Config:
-    if _INTERPRET:
-        return _INTERPRET_CONFIG
+def _gpu_config(num_tokens: int, dtype: torch.dtype, many: _Config, few: _Config) -> _Config:
+    """The tile config a GPU launch uses (benchmarks/kernel_report.py compiles exactly these)."""
     if dtype == torch.float32:
         return _FP32_CONFIG
     return few if num_tokens <= _FEW_TOKENS else many
+
+
+def _config(num_tokens: int, dtype: torch.dtype, many: _Config, few: _Config) -> _Config:
+    return _INTERPRET_CONFIG if _INTERPRET else _gpu_config(num_tokens, dtype, many, few)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -305,8 +309,7 @@ def forward(hidden, weight, bias, targets, *, temperature=1.0, softcap=None, wit
         empty = torch.empty(0, device=device, dtype=torch.float32)
         return empty, empty.clone(), empty.clone() if with_entropy else None
 
-    cfg = _config(num_tokens, hidden.dtype, _FORWARD_CONFIG_ENTROPY if with_entropy else _FORWARD_CONFIG,
-                  _FORWARD_CONFIG_FEW_TOKENS)
+    cfg = _config(num_tokens, hidden.dtype, _FORWARD_CONFIG, _FORWARD_CONFIG_FEW_TOKENS)
     num_pid_m = triton.cdiv(num_tokens, cfg.block_m)
     num_tiles_v = triton.cdiv(vocab, cfg.block_v)
     splits = min(num_tiles_v, max(1, _PROGRAMS_PER_SM * _num_sms(device) // num_pid_m))

@@ -1,0 +1,48 @@
+"""The shipped Triton configs compile for real GPU targets (no GPU needed) and fit each target's shared memory."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+pytestmark = pytest.mark.skipif(not (NVIDIA_BIN / "ptxas").exists() or not (NVIDIA_BIN / "cuobjdump").exists(),
+                                reason="Triton's NVIDIA backend ships no ptxas/cuobjdump here")
+
+
+def run_report(tmp_path, *args):
+    # Without TRITON_INTERPRET (the test session sets it): the report must see the GPU configs.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", *args, "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((tmp_path / "results.json").read_text())
+
+
+def check(rows):
+    for row in rows:
+        assert 0 < row["registers"] <= 255, row
+        assert row["stack_bytes"] >= 0 and row["shared_bytes"] > 0, row
+        assert row["fits"], f"{row['variant']} needs {row['shared_bytes']} B of shared memory on {row['target']}, " \
+                            f"more than its {row['shared_limit']} B per block"
+
+
+def test_hot_configs_compile_for_hopper_and_ada(tmp_path):
+    rows = run_report(tmp_path, "--targets", "sm_90a", "sm_86", "--variants", "forward bf16", "backward bf16",
+                      "--exact")
+    assert {(r["variant"], r["target"]) for r in rows} == {
+        (v, t) for v in ("forward bf16", "backward bf16") for t in ("sm_90a", "sm_86")}
+    check(rows)
+    assert "| forward bf16 |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_every_shipped_config_compiles_and_fits_every_target(tmp_path):
+    from benchmarks.kernel_report import TARGETS, shipped_variants
+
+    rows = run_report(tmp_path)
+    assert len(rows) == len(shipped_variants()) * len(TARGETS)
+    check(rows)
