@@ -47,6 +47,14 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
         return None, f"{type(error).__name__}: {error}"
 
 
+def backend_module(name: str) -> ModuleType:
+    """The kernels module of an available backend (`forward` / `backward`), by name."""
+    module, detail = _load(name)
+    if module is None:
+        raise ValueError(f"backend={name!r} is not available: {detail}")
+    return module
+
+
 def backends() -> dict[str, BackendInfo]:
     """Each backend's availability with a one-line detail (version, or why it is missing).
 
@@ -60,6 +68,12 @@ def backends() -> dict[str, BackendInfo]:
             detail += "; no CUDA device: CPU tensors run only under TRITON_INTERPRET=1"
         info[name] = BackendInfo(module is not None, detail)
     return info
+
+
+@torch.compiler.assume_constant_result
+def backend_name(backend: str, device: torch.device) -> str:
+    """`resolve_backend`'s name only: a constant for torch.compile, which does not trace the module lookup."""
+    return resolve_backend(backend, device)[0]
 
 
 def resolve_backend(backend: str, device: torch.device) -> tuple[str, ModuleType]:

@@ -1,76 +1,38 @@
 """Preference losses fused with the LM head: hidden states in, group loss out, no [N, V] logits (DESIGN §3).
 
-One autograd Function. Forward: the log-prob kernel yields per-sequence log-probs; the group loss
-and its exact gradient with respect to every sequence log-prob are computed once, on the tiny
-[P, G] rewards, and turned into one coefficient per token. Backward: the kernel recomputes the
-logits tile by tile with those coefficients, scaled by the loss's upstream gradient. Stored state:
-the per-token log-sum-exp and coefficient (O(N) floats) plus one float per sequence.
+Per-token log-probs come from the fused kernel op (`epa_kernels/ops/library.py`), per-sequence sums are taken
+in float64, and `preference_loss` runs on the tiny [P, G] rewards. Autograd does the rest: the loss's gradient
+with respect to each sequence log-prob reaches every token of that sequence as one coefficient, and the
+kernel's backward recomputes the logits tile by tile with it. Stored state: the per-token log-sum-exp (O(N)
+floats). A separate autograd Function used to do this by hand; it bought nothing the op's own autograd formula
+does not give, and kept torch.compile out.
 
-With a process group, sequence log-probs are all-gathered (S floats per rank) so groups may use
-any rank's sequences as weak negatives; the backward all-reduces the per-sequence gradient so each
+With a process group, sequence log-probs are all-gathered (S floats per rank, autograd-aware) so groups may use
+any rank's sequences as weak negatives; the gather's backward all-reduces the per-sequence gradient so each
 rank's sequences receive the gradient of every rank's loss.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from epa_kernels import distributed
 from epa_kernels._validation import check_choice, check_linear_inputs
-from epa_kernels.dispatch import resolve_backend
-from epa_kernels.logprobs import check_logit_options, linear_logprobs, prepare_tokens, sequence_sums
+from epa_kernels.dispatch import backend_name
+from epa_kernels.logprobs import check_logit_options, linear_logprobs, prepare_tokens, sequence_sums, token_logprobs
 from epa_kernels.losses import LOSSES, group_rewards, preference_loss
 
 SEQUENCE_REDUCTIONS = ("sum", "mean")
 
 
-class FusedLinearPreferenceFunction(torch.autograd.Function):
-    """(hidden [M, D], weight, bias, targets [M]) → scalar loss; `loss_fn(global sequence log-probs)` gives it."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, seq_ids, token_scale, num_seqs, kernels, temperature, softcap,
-                loss_fn, process_group, counts, outputs):
-        logp, lse, _ = kernels.forward(hidden, weight, bias, targets, temperature=temperature, softcap=softcap)
-        seq_logps = sequence_sums(logp * token_scale, seq_ids, num_seqs)  # float64 through the group loss
-        start = 0
-        if process_group is not None:  # counts: every rank's sequence count, gathered once by the caller
-            start = sum(counts[: dist.get_rank(process_group)])
-            seq_logps = distributed.all_gather_sequences(seq_logps, process_group, counts)
-        with torch.enable_grad():
-            leaf = seq_logps.detach().requires_grad_()
-            loss, metrics = loss_fn(leaf)
-            (grad_seq,) = torch.autograd.grad(loss, leaf)
-        outputs["metrics"], outputs["seq_logps"] = metrics, seq_logps[start : start + num_seqs].float()
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, seq_ids, token_scale, grad_seq)
-        ctx.kernels, ctx.temperature, ctx.softcap = kernels, temperature, softcap
-        ctx.process_group, ctx.start, ctx.num_seqs = process_group, start, num_seqs
-        return loss.detach().float()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        hidden, weight, bias, targets, lse, seq_ids, token_scale, grad_seq = ctx.saved_tensors
-        grad_seq = grad_seq * grad_loss
-        if ctx.process_group is not None:  # every rank's loss may depend on this rank's sequences
-            dist.all_reduce(grad_seq, op=dist.ReduceOp.SUM, group=ctx.process_group)
-        grad_seq = grad_seq[ctx.start : ctx.start + ctx.num_seqs]
-        coef_a = (grad_seq[seq_ids] * token_scale).float().contiguous()
-        d_hidden, d_weight, d_bias = ctx.kernels.backward(
-            hidden, weight, bias, targets, lse, coef_a, -coef_a, None,
-            temperature=ctx.temperature, softcap=ctx.softcap, need_hidden=ctx.needs_input_grad[0],
-            need_weight=ctx.needs_input_grad[1], need_bias=bias is not None and ctx.needs_input_grad[2],
-        )
-        return (d_hidden, d_weight, d_bias) + (None,) * 11
-
-
 def _check_local(hidden, weight, targets, bias, cu_seqlens, ignore_index, reduction, loss, temperature, softcap,
                  backend, ref_logps, ref_hidden, ref_weight, ref_bias):
-    """The checks of one rank's own inputs → (layout, kernels, temperature, softcap, this rank's ref_logps)."""
+    """The checks of one rank's own inputs → (layout, backend name, temperature, softcap, this rank's ref_logps)."""
     layout = check_linear_inputs(hidden, weight, targets, bias, cu_seqlens, ignore_index)
     check_choice("reduction", reduction, SEQUENCE_REDUCTIONS)
     check_choice("loss", loss, LOSSES)
     temperature, softcap, _ = check_logit_options(temperature, softcap, None)
-    _, kernels = resolve_backend(backend, hidden.device)
+    name = backend_name(backend, hidden.device)
     if ref_hidden is not None:
         if ref_logps is not None:
             raise ValueError("pass ref_logps or ref_hidden, not both")
@@ -90,7 +52,7 @@ def _check_local(hidden, weight, targets, bias, cu_seqlens, ignore_index, reduct
             raise ValueError(f"ref_logps must have one value per sequence [S] = [{layout.num_seqs}], "
                              f"got {tuple(getattr(ref_logps, 'shape', ()))}")
         ref_logps = ref_logps.detach()
-    return layout, kernels, temperature, softcap, ref_logps
+    return layout, name, temperature, softcap, ref_logps
 
 
 def fused_linear_preference_loss(hidden, weight, targets, groups, *, bias=None, cu_seqlens=None, ref_logps=None,
@@ -112,7 +74,7 @@ def fused_linear_preference_loss(hidden, weight, targets, groups, *, bias=None, 
     # input raises on every rank instead of leaving the others waiting in a collective.
     distributed_error = None
     try:
-        layout, kernels, temperature, softcap, ref_logps = _check_local(
+        layout, name, temperature, softcap, ref_logps = _check_local(
             hidden, weight, targets, bias, cu_seqlens, ignore_index, reduction, loss, temperature, softcap, backend,
             ref_logps, ref_hidden, ref_weight, ref_bias)
     except (ValueError, TypeError) as error:
@@ -138,22 +100,22 @@ def fused_linear_preference_loss(hidden, weight, targets, groups, *, bias=None, 
         if ref_logps is not None:
             ref_logps = distributed.all_gather_sequences(ref_logps, process_group, counts)
 
-    def loss_fn(policy_logps):
-        return preference_loss(policy_logps, ref_logps, groups, loss=loss, **loss_kw)
-
     tokens = prepare_tokens(hidden, targets, layout, ignore_index)
+    # A token's weight in its sequence's log-prob: 1 (sum) or 1 / its sequence's count (mean); 0 for an ignored
+    # token that was kept (torch.compile keeps every token: see prepare_tokens).
+    counted = (torch.ones(tokens.seq_ids.shape, device=hidden.device) if tokens.mask is None
+               else tokens.mask.float())
+    token_scale = counted
     if reduction == "mean":
-        per_sequence = torch.bincount(tokens.seq_ids, minlength=layout.num_seqs)
-        token_scale = 1.0 / per_sequence.clamp(min=1)[tokens.seq_ids].float()
-    else:
-        token_scale = torch.ones(tokens.seq_ids.shape, device=hidden.device)
-    outputs = {}
-    value = FusedLinearPreferenceFunction.apply(
-        tokens.hidden, weight.contiguous(), None if bias is None else bias.contiguous(), tokens.targets,
-        tokens.seq_ids, token_scale, layout.num_seqs, kernels, temperature, softcap, loss_fn, process_group, counts,
-        outputs,
-    )
-    return value, {**outputs["metrics"], "policy_logps": outputs["seq_logps"]}
+        per_sequence = sequence_sums(counted, tokens.seq_ids, layout.num_seqs).clamp(min=1)
+        token_scale = counted / per_sequence[tokens.seq_ids].float()
+    logp, _, _ = token_logprobs(tokens, hidden, weight, bias, name, temperature, softcap)
+    policy_logps = sequence_sums(logp * token_scale, tokens.seq_ids, layout.num_seqs)  # float64 into the loss
+    local = policy_logps
+    if process_group is not None:
+        policy_logps = distributed.all_gather_sequences(policy_logps, process_group, counts)
+    value, metrics = preference_loss(policy_logps, ref_logps, groups, loss=loss, **loss_kw)
+    return value.float(), {**metrics, "policy_logps": local.detach().float()}
 
 
 class FusedLinearEPALoss(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from epa_kernels._validation import check_tensor
+from epa_kernels._validation import check_tensor, require
 
 
 def make_groups(num_prompts: int, num_strong: int, num_weak: int = 0, *, device=None) -> torch.Tensor:
@@ -39,14 +39,14 @@ def check_groups(groups, num_seqs: int, *, ordered: bool = False) -> torch.Tenso
         raise TypeError(f"groups must be int64 (or int32) sequence indices, got {groups.dtype}")
     if groups.shape[0] == 0 or groups.shape[1] == 0:
         raise ValueError(f"groups must be [P, G] with P, G >= 1, got {tuple(groups.shape)}")
-    if bool((groups[:, 0] < 0).any()):
-        row = int((groups[:, 0] < 0).nonzero()[0])
-        raise ValueError(f"groups row {row} has no positive: column 0 must be a sequence index, got -1")
+    no_positive = groups[:, 0] < 0
+    require(~no_positive.any(), lambda: f"groups row {int(no_positive.nonzero()[0])} has no positive: column 0 must "
+                                        "be a sequence index, got -1")
     bad = (groups < -1) | (groups >= num_seqs)
-    if bool(bad.any()):
-        value = int(groups[bad][0])
-        raise ValueError(f"groups must index sequences in [0, {num_seqs}) or be -1 padding; found {value}")
+    require(~bad.any(), lambda: f"groups must index sequences in [0, {num_seqs}) or be -1 padding; found "
+                                f"{int(groups[bad][0])}")
     mask = groups >= 0
-    if ordered and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
-        raise ValueError("groups must be ordered best→worst with -1 padding only at the end of a row")
+    if ordered:
+        require(~(mask[:, 1:] & ~mask[:, :-1]).any(),
+                lambda: "groups must be ordered best→worst with -1 padding only at the end of a row")
     return mask

@@ -1,10 +1,11 @@
 """`linear_logprobs`: per-token and per-sequence log-probs straight from hidden states and the LM head.
 
-The autograd Function stores O(N) floats (the log-sum-exp, optionally Σ p·z) and recomputes the
-logits tile by tile in backward; no [N, V] tensor exists in any backend. Layout (packed with
-`cu_seqlens` or padded [B, T]), ignore_index and the per-sequence reduction are plain differentiable
-PyTorch around the Function, so any upstream gradient — per token, per sequence, through the
-log-sum-exp or the entropy — reaches the kernels as three per-token coefficients.
+The kernels run as `torch.library` custom ops (`epa_kernels/ops/library.py`): their autograd formula stores
+O(N) floats (the log-sum-exp, optionally the entropy) and the backward recomputes the logits tile by tile;
+no [N, V] tensor exists in any backend. Layout (packed with `cu_seqlens` or padded [B, T]), ignore_index
+and the per-sequence reduction are plain differentiable PyTorch around the op, so any upstream gradient —
+per token, per sequence, through the log-sum-exp or the entropy — reaches the kernels as three per-token
+coefficients.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import NamedTuple
 
 import torch
 
-from epa_kernels._validation import REDUCTIONS, check_choice, check_linear_inputs, check_positive_finite
-from epa_kernels.dispatch import resolve_backend
+from epa_kernels._validation import REDUCTIONS, check_choice, check_linear_inputs, check_positive_finite, compiling
+from epa_kernels.dispatch import backend_name
+from epa_kernels.ops.library import linear_logprobs_forward
 
 
 class LogProbs(NamedTuple):
@@ -26,48 +28,6 @@ class LogProbs(NamedTuple):
     logps: torch.Tensor
     lse: torch.Tensor | None
     entropy: torch.Tensor | None
-
-
-class LinearLogProbsFunction(torch.autograd.Function):
-    """(hidden [M, D], weight [V, D], bias [V] | None, targets [M]) → (logp, lse, entropy) [M] fp32.
-
-    Targets are all valid here (ignored tokens were removed by the caller). `entropy` is None unless
-    `with_entropy`.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, kernels, temperature, softcap, with_entropy, filter_eps):
-        logp, lse, ez = kernels.forward(
-            hidden, weight, bias, targets, temperature=temperature, softcap=softcap, with_entropy=with_entropy
-        )
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ez)
-        ctx.kernels, ctx.temperature, ctx.softcap, ctx.filter_eps = kernels, temperature, softcap, filter_eps
-        ctx.set_materialize_grads(False)
-        entropy = lse - ez if with_entropy else None
-        return logp, lse, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_lse, grad_entropy):
-        hidden, weight, bias, targets, lse, ez = ctx.saved_tensors
-        if grad_logp is None and grad_lse is None and grad_entropy is None:
-            return (None,) * 9
-        zeros = torch.zeros_like(lse)
-        grad_logp = zeros if grad_logp is None else grad_logp.float()
-        grad_lse = zeros if grad_lse is None else grad_lse.float()
-        # dz = g_logp·onehot + p·(g_lse − g_logp + g_entropy·(Σp·z − z)): see ops/torch_logprobs.py.
-        coef_a = grad_logp.contiguous()
-        coef_b = grad_lse - grad_logp
-        coef_c = None
-        if grad_entropy is not None:
-            coef_b = coef_b + grad_entropy.float() * ez
-            coef_c = (-grad_entropy.float()).contiguous()
-        d_hidden, d_weight, d_bias = ctx.kernels.backward(
-            hidden, weight, bias, targets, lse, coef_a, coef_b.contiguous(), coef_c,
-            temperature=ctx.temperature, softcap=ctx.softcap,
-            need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
-            need_bias=bias is not None and ctx.needs_input_grad[2], filter_eps=ctx.filter_eps,
-        )
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
 
 FILTERING_BACKENDS = ("triton",)  # backends whose backward implements filter_eps
@@ -90,16 +50,37 @@ class Tokens(NamedTuple):
     targets: torch.Tensor  # [M] int64
     seq_ids: torch.Tensor  # [M] sequence of each token
     index: torch.Tensor | None  # [M] positions among all N tokens; None when none was ignored
+    mask: torch.Tensor | None = None  # [M] bool, under torch.compile only: the tokens that count (none dropped)
 
 
 def prepare_tokens(hidden, targets, layout, ignore_index) -> Tokens:
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).to(torch.int64)
     valid = flat_targets != ignore_index
+    if compiling():  # shapes must not depend on data: keep every token, score ignored ones as token 0, mask later
+        return Tokens(flat_hidden.contiguous(), torch.where(valid, flat_targets, 0), layout.seq_ids, None, valid)
     if bool(valid.all()):
         return Tokens(flat_hidden.contiguous(), flat_targets, layout.seq_ids, None)
     index = valid.nonzero().squeeze(1)
     return Tokens(flat_hidden[index].contiguous(), flat_targets[index], layout.seq_ids[index], index)
+
+
+def token_logprobs(tokens: Tokens, hidden, weight, bias, backend: str, temperature, softcap, with_entropy=False,
+                   filter_eps=None):
+    """(logp, lse, entropy | None) [M] fp32 of the prepared tokens through the custom op; 0 (with zero gradient)
+    at ignored tokens that were kept; empty but connected to the inputs when every token was dropped."""
+    if tokens.targets.numel() == 0:
+        anchor = sum(t.sum() for t in (hidden, weight, bias) if t is not None) * 0.0
+        empty = anchor.float().expand(0)
+        return empty, empty, empty if with_entropy else None
+    logp, lse, entropy = linear_logprobs_forward(
+        tokens.hidden, weight.contiguous(), None if bias is None else bias.contiguous(), tokens.targets, backend,
+        temperature, softcap, with_entropy, filter_eps)
+    entropy = entropy if with_entropy else None
+    if tokens.mask is not None:  # ignored tokens were scored (compiled path): zero them and their gradients
+        logp, lse = logp * tokens.mask, lse * tokens.mask
+        entropy = None if entropy is None else entropy * tokens.mask
+    return logp, lse, entropy
 
 
 def sequence_sums(values, seq_ids, num_seqs):
@@ -139,7 +120,7 @@ def linear_logprobs(
     layout = check_linear_inputs(hidden, weight, targets, bias, cu_seqlens, ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
     temperature, softcap, filter_eps = check_logit_options(temperature, softcap, filter_eps)
-    name, kernels = resolve_backend(backend, hidden.device)
+    name = backend_name(backend, hidden.device)
     if filter_eps and name not in FILTERING_BACKENDS:  # never accept an approximation and silently not make it
         raise ValueError(f"filter_eps is implemented by the {', '.join(FILTERING_BACKENDS)} backend only; backend "
                          f"{name!r} (from backend={backend!r}) computes the exact gradient: drop filter_eps or pass "
@@ -147,15 +128,8 @@ def linear_logprobs(
     tokens = prepare_tokens(hidden, targets, layout, ignore_index)
     index, seq_ids, num_tokens = tokens.index, tokens.seq_ids, layout.seq_ids.numel()
 
-    if tokens.targets.numel() > 0:
-        logp, lse, entropy = LinearLogProbsFunction.apply(
-            tokens.hidden, weight.contiguous(), None if bias is None else bias.contiguous(),
-            tokens.targets, kernels, temperature, softcap, return_entropy, filter_eps,
-        )
-    else:  # every token ignored: an empty result still connected to the inputs (zero gradients)
-        anchor = sum(t.sum() for t in (hidden, weight, bias) if t is not None) * 0.0
-        logp = lse = anchor.float().expand(0)
-        entropy = lse if return_entropy else None
+    logp, lse, entropy = token_logprobs(tokens, hidden, weight, bias, name, temperature, softcap, return_entropy,
+                                        filter_eps)
 
     def per_token(values):
         if index is not None:
@@ -167,8 +141,8 @@ def linear_logprobs(
     else:
         logps = sequence_sums(logp, seq_ids, layout.num_seqs)
         if reduction == "mean":
-            counts = torch.bincount(seq_ids, minlength=layout.num_seqs).clamp_(min=1)
-            logps = logps / counts
+            counted = torch.ones_like(logp) if tokens.mask is None else tokens.mask.to(logp.dtype)
+            logps = logps / sequence_sums(counted, seq_ids, layout.num_seqs).clamp_(min=1)
         logps = logps.float()
     if not (return_lse or return_entropy):
         return logps

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from epa_kernels._validation import check_choice, check_finite, check_positive_finite, check_tensor
+from epa_kernels._validation import (
+    check_choice,
+    check_finite,
+    check_positive_finite,
+    check_tensor,
+    compiling,
+    require,
+)
 from epa_kernels.groups import check_groups
 
 LOSSES = ("epa", "dpo", "ipo", "simpo", "infonca", "nca", "sdpo", "plackett_luce")
@@ -159,20 +166,21 @@ def group_rewards(policy_logps, ref_logps, groups, *, loss="epa", beta=0.1, num_
                          f"got {num_strong!r}")
     weights = _check_per_group("weights", weights, groups.shape, groups.device)
     scores = _check_per_group("scores", scores, groups.shape, groups.device)
-    if weights is not None and bool((weights < 0).any() | ~torch.isfinite(weights).all()):
-        raise ValueError("weights must be finite and >= 0")
+    if weights is not None:
+        require(~((weights < 0).any() | ~torch.isfinite(weights).all()), lambda: "weights must be finite and >= 0")
     if loss == "infonca" and scores is None:
         raise ValueError("loss='infonca' needs scores [P, G]: the annotator's rewards that define its soft labels")
 
     column = torch.arange(size, device=groups.device)
     strong = mask & (column >= 1) & (column <= num_strong)
     weak = mask & (column > num_strong)
-    if loss in _NEEDS_NEGATIVE and not bool((strong | weak).any(1).all()):
-        row = int((~(strong | weak).any(1)).nonzero()[0])
-        raise ValueError(f"groups row {row} has no negative, which loss={loss!r} needs")
-    if loss == "sdpo" and not bool(strong.any(1).all()):
-        row = int((~strong.any(1)).nonzero()[0])
-        raise ValueError(f"groups row {row} has no strong negative, which loss='sdpo' needs")
+    if loss in _NEEDS_NEGATIVE:
+        has = (strong | weak).any(1)
+        require(has.all(), lambda: f"groups row {int((~has).nonzero()[0])} has no negative, which loss={loss!r} needs")
+    if loss == "sdpo":
+        has_strong = strong.any(1)
+        require(has_strong.all(), lambda: f"groups row {int((~has_strong).nonzero()[0])} has no strong negative, "
+                                          "which loss='sdpo' needs")
 
     dtype = torch.promote_types(policy_logps.dtype, torch.float32)  # never below fp32; fp64 stays fp64
     logps = policy_logps.to(dtype)
@@ -181,10 +189,11 @@ def group_rewards(policy_logps, ref_logps, groups, *, loss="epa", beta=0.1, num_
     multiplier = torch.where(column == 0, positive_weight, torch.where(column > num_strong, weak_weight, 1.0))
     multiplier = multiplier.to(dtype).expand(num_prompts, size) * (weights.to(dtype) if weights is not None else 1.0)
     usable = mask & (multiplier > 0)
-    if loss in _NEEDS_NEGATIVE and not bool((usable & (strong | weak)).any(1).all()):
-        row = int((~(usable & (strong | weak)).any(1)).nonzero()[0])
-        raise ValueError(f"groups row {row}: every negative has weight 0 (weak_weight={weak_weight}, weights), so "
-                         f"loss={loss!r}'s weighted mean over negatives is undefined")
+    if loss in _NEEDS_NEGATIVE:
+        weighed = (usable & (strong | weak)).any(1)
+        require(weighed.all(), lambda: f"groups row {int((~weighed).nonzero()[0])}: every negative has weight 0 "
+                                       f"(weak_weight={weak_weight}, weights), so loss={loss!r}'s weighted mean over "
+                                       "negatives is undefined")
     log_weight = torch.where(usable, multiplier.clamp(min=1e-30).log(), _MASKED)
 
     targets = None
@@ -193,8 +202,8 @@ def group_rewards(policy_logps, ref_logps, groups, *, loss="epa", beta=0.1, num_
             targets = (column == 0).to(dtype).expand(num_prompts, size)
         else:
             logits = torch.where(mask, scores.to(dtype) / score_temperature, -math.inf)
-            if not bool(torch.isfinite(logits.amax(1)).all()):
-                raise ValueError("scores must have a finite value for at least one response of every group")
+            require(torch.isfinite(logits.amax(1)).all(),
+                    lambda: "scores must have a finite value for at least one response of every group")
             targets = torch.where(mask, torch.softmax(logits, dim=1), 0.0).to(dtype)
     return GroupedRewards(rewards, mask, log_weight, strong, weak, beta, margin, label_smoothing, targets)
 
@@ -204,6 +213,8 @@ def preference_metrics(g: GroupedRewards) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         r = g.rewards
         metrics = {"reward_positive": r[:, 0].mean()}
+        if compiling():  # keys fixed by the shapes, no data-dependent branch: masked means (0 where none)
+            return _static_metrics(g, metrics)
         for name, columns in (("reward_strong", g.strong), ("reward_weak", g.weak)):
             if bool(columns.any()):
                 metrics[name] = r[columns].mean()
@@ -215,6 +226,21 @@ def preference_metrics(g: GroupedRewards) -> dict[str, torch.Tensor]:
             metrics["margin"] = (r[:, 0] - mean_negative)[has_negative].mean()
             metrics["accuracy"] = (r[:, 0] > best_negative)[has_negative].float().mean()
         metrics["positive_prob"] = torch.softmax(r, dim=1)[:, 0].mean()
+    return metrics
+
+
+def _static_metrics(g: GroupedRewards, metrics: dict) -> dict:
+    """`preference_metrics` under torch.compile: every key, means over the real entries (0 when there are none)."""
+    r = g.rewards
+    for name, columns in (("reward_strong", g.strong), ("reward_weak", g.weak)):
+        metrics[name] = torch.where(columns, r, 0.0).sum() / columns.sum().clamp(min=1)
+    has_negative = g.negatives.any(1)
+    rows = has_negative.sum().clamp(min=1)
+    mean_negative = torch.where(g.negatives, r, 0.0).sum(1) / g.negatives.sum(1).clamp(min=1)
+    best_negative = torch.where(g.negatives, r, _MASKED).amax(1)
+    metrics["margin"] = torch.where(has_negative, r[:, 0] - mean_negative, 0.0).sum() / rows
+    metrics["accuracy"] = ((r[:, 0] > best_negative) & has_negative).float().sum() / rows
+    metrics["positive_prob"] = torch.softmax(r, dim=1)[:, 0].mean()
     return metrics
 
 
