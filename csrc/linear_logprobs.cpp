@@ -6,7 +6,8 @@
 //   forward:  online logsumexp across vocab tiles (running max, rescaled sum of e^{z-m}, the target logit
 //             and, for entropy, the rescaled sum of e^{z-m}·z);
 //   backward: dz = p·(b + c·z) + a·onehot chained through softcap and temperature, written in place, and
-//             then fed to the GEMMs d_hidden[t0:t1] += dz·W[v0:v1] and d_weight[v0:v1] += dzᵀ·h[t0:t1].
+//             then fed to the GEMMs d_hidden[t0:t1] += dz·W[v0:v1] and d_weight[v0:v1] += dzᵀ·h[t0:t1]
+//             (with filter_eps > 0, only for the 128-column blocks holding some |dz| ≥ filter_eps).
 // Logits therefore never exist beyond one tile, so the extra memory is the tile plus fp32 staging copies
 // for reduced-precision inputs. Vocab-outer order lets a reduced-precision weight tile be upcast once and
 // lets d_weight[v0:v1] be finished (and downcast) while it is hot.
@@ -29,6 +30,8 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -157,9 +160,47 @@ inline void forward_row(float* row, int64_t n, int64_t v0, int64_t y, const Tran
   if (y >= v0 && y < v0 + n) st.target[t] = row[y - v0];
 }
 
-// Overwrites one row of raw logits with d loss / d raw logit for token t.
+// Gradient filtering: a tile's columns in blocks of kFilterBlock; a block whose every |dz| is below eps adds at
+// most eps·|W_j| (or |h_t|) per entry to the gradients, and its GEMM work is skipped. Kept blocks that touch are
+// merged into one run, so an unfiltered tile is still one GEMM.
+constexpr int64_t kFilterBlock = 128;
+
+std::vector<std::pair<int64_t, int64_t>> kept_runs(const float* tile, int64_t rows, int64_t cols, float eps) {
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  if (!(eps > 0.0f)) return {{0, cols}};
+  const int64_t blocks = (cols + kFilterBlock - 1) / kFilterBlock;
+  std::vector<char> keep(blocks, 0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * kFilterBlock, c1 = std::min(cols, c0 + kFilterBlock);
+      for (int64_t r = 0; r < rows && !keep[b]; ++r) {
+        const float* row = tile + r * cols;
+        for (int64_t c = c0; c < c1; ++c) {
+          if (std::abs(row[c]) >= eps) {
+            keep[b] = 1;
+            break;
+          }
+        }
+      }
+    }
+  });
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (!keep[b]) continue;
+    const int64_t c0 = b * kFilterBlock, c1 = std::min(cols, c0 + kFilterBlock);
+    if (!runs.empty() && runs.back().second == c0) {
+      runs.back().second = c1;
+    } else {
+      runs.emplace_back(c0, c1);
+    }
+  }
+  return runs;
+}
+
+// Overwrites one row of raw logits with d loss / d raw logit for token t. With `target_coef`, the target's
+// one-hot term a·chain is stored there instead of added to the row (gradient filtering applies it sparsely,
+// so that the softmax part alone decides which blocks are negligible).
 inline void backward_row(float* row, int64_t n, int64_t v0, int64_t y, const Transform& tf, float lse,
-                         float a, float b, const float* c) {
+                         float a, float b, const float* c, float* target_coef) {
   constexpr int64_t W = Vec::size();
   const int64_t full = n - n % W;
   const bool on_target = y >= v0 && y < v0 + n;
@@ -176,7 +217,14 @@ inline void backward_row(float* row, int64_t n, int64_t v0, int64_t y, const Tra
     const int64_t rem = n - full;
     grad(tf.apply(Vec::loadu(row + full, rem), full, rem)).store(row + full, rem);
   }
-  if (on_target) row[y - v0] += a * tf.chain(tf.apply(raw_target, y - v0));
+  if (on_target) {
+    const float term = a * tf.chain(tf.apply(raw_target, y - v0));
+    if (target_coef) {
+      *target_coef = term;
+    } else {
+      row[y - v0] += term;
+    }
+  }
 }
 
 // Contiguous [rows, cols] view of the first rows·cols elements of the workspace.
@@ -257,7 +305,7 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& coef_a, const at::Tensor& coef_b,
     const c10::optional<at::Tensor>& coef_c, double temperature, double softcap, bool need_hidden,
-    bool need_weight, bool need_bias) {
+    bool need_weight, bool need_bias, double filter_eps) {
   at::NoGradGuard no_grad;
   check_inputs(hidden, weight, bias, targets);
   need_bias = need_bias && bias.has_value();
@@ -270,9 +318,11 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
   // (no extra copy); otherwise d_hidden is accumulated over all vocab tiles in fp32, and d_weight only needs
   // one fp32 tile at a time because the vocab tile is the outer loop.
   at::Tensor dh32, dw32_tile, db32;
+  const bool filtering = filter_eps > 0.0;
   if (need_hidden) {
     d_hidden = at::empty({M, D}, hidden.options());
     dh32 = fp32_in ? *d_hidden : at::empty({M, D}, f32);
+    if (filtering) dh32.zero_();
   }
   if (need_weight) d_weight = at::empty({V, D}, weight.options());
   if (need_bias) db32 = at::zeros({V}, f32);
@@ -294,6 +344,9 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
   if (need_weight && !fp32_in) dw32_tile = at::empty({tiling.vocab, D}, f32);
   const at::Tensor ones = need_bias ? at::ones({tiling.tokens}, f32) : at::Tensor();
 
+  // Filtering: every token's one-hot term a·chain, applied sparsely (index_add) instead of through the GEMMs.
+  const at::Tensor target_coef = filtering ? at::zeros({M}, f32) : at::Tensor();
+  float* target_p = filtering ? target_coef.data_ptr<float>() : nullptr;
   const int64_t* y = targets_c.data_ptr<int64_t>();
   const float* lse_p = lse_c.data_ptr<float>();
   const float* a_p = a_c.data_ptr<float>();
@@ -305,7 +358,10 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
     const at::Tensor w32 = as_fp32(weight.narrow(0, v0, nv));
     const Transform tf = make_transform(bias ? bias32.data_ptr<float>() + v0 : nullptr, temperature, softcap);
     at::Tensor dw_acc;
-    if (need_weight) dw_acc = fp32_in ? d_weight->narrow(0, v0, nv) : dw32_tile.narrow(0, 0, nv);
+    if (need_weight) {
+      dw_acc = fp32_in ? d_weight->narrow(0, v0, nv) : dw32_tile.narrow(0, 0, nv);
+      if (filtering) dw_acc.zero_();
+    }
     for (int64_t t0 = 0; t0 < M; t0 += tiling.tokens) {
       const int64_t nt = std::min(tiling.tokens, M - t0);
       at::Tensor tile = tile_view(ws, nt, nv);
@@ -315,30 +371,44 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
       at::parallel_for(0, nt, 1, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t t = t0 + r;
-          backward_row(base + r * nv, nv, v0, y[t], tf, lse_p[t], a_p[t], b_p[t], c_p ? c_p + t : nullptr);
+          backward_row(base + r * nv, nv, v0, y[t], tf, lse_p[t], a_p[t], b_p[t], c_p ? c_p + t : nullptr,
+                       filtering ? target_p + t : nullptr);
         }
       });
-      // First contribution overwrites (beta = 0), later ones accumulate in place (beta = 1).
-      if (need_hidden) {
-        at::Tensor dh_blk = dh32.narrow(0, t0, nt);
-        if (v0 == 0) {
-          at::mm_out(dh_blk, tile, w32);
-        } else {
-          dh_blk.addmm_(tile, w32);
+      // Unfiltered, the first contribution overwrites (beta = 0) and later ones accumulate (beta = 1); filtered,
+      // the accumulators start at zero (a skipped block contributes nothing) and every kept run accumulates.
+      for (const auto& [c0, c1] : kept_runs(base, nt, nv, static_cast<float>(filter_eps))) {
+        const at::Tensor dz = tile.narrow(1, c0, c1 - c0);
+        if (need_hidden) {
+          at::Tensor dh_blk = dh32.narrow(0, t0, nt);
+          if (v0 == 0 && !filtering) {
+            at::mm_out(dh_blk, dz, w32);
+          } else {
+            dh_blk.addmm_(dz, w32.narrow(0, c0, c1 - c0));
+          }
         }
-      }
-      if (need_weight) {
-        if (t0 == 0) {
-          at::mm_out(dw_acc, tile.t(), h_blk);
-        } else {
-          dw_acc.addmm_(tile.t(), h_blk);
+        if (need_weight) {
+          at::Tensor dw_run = dw_acc.narrow(0, c0, c1 - c0);
+          if (t0 == 0 && !filtering) {
+            at::mm_out(dw_run, dz.t(), h_blk);
+          } else {
+            dw_run.addmm_(dz.t(), h_blk);
+          }
         }
+        if (need_bias) db32.narrow(0, v0 + c0, c1 - c0).addmv_(dz.t(), ones.narrow(0, 0, nt));
       }
-      if (need_bias) db32.narrow(0, v0, nv).addmv_(tile.t(), ones.narrow(0, 0, nt));
+    }
+    if (filtering && (need_weight || need_bias)) {  // the one-hot terms of the tokens whose target is here
+      const at::Tensor here = ((targets_c >= v0) & (targets_c < v0 + nv)).nonzero().squeeze(1);
+      const at::Tensor rows = targets_c.index_select(0, here) - v0;
+      const at::Tensor coef = target_coef.index_select(0, here);
+      if (need_weight) dw_acc.index_add_(0, rows, h32.index_select(0, here) * coef.unsqueeze(1));
+      if (need_bias) db32.narrow(0, v0, nv).index_add_(0, rows, coef);
     }
     if (need_weight && !fp32_in) d_weight->narrow(0, v0, nv).copy_(dw_acc);
   }
 
+  if (filtering && need_hidden) dh32.add_(as_fp32(weight.index_select(0, targets_c)) * target_coef.unsqueeze(1));
   if (need_hidden && !fp32_in) d_hidden->copy_(dh32);
   if (need_bias) d_bias = db32.to(bias->scalar_type());
   return {d_hidden, d_weight, d_bias};
@@ -356,9 +426,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("softcap"), py::arg("with_entropy"), py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward,
         "backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c, temperature, softcap, "
-        "need_hidden, need_weight, need_bias) -> (d_hidden|None, d_weight|None, d_bias|None); softcap 0 means none",
+        "need_hidden, need_weight, need_bias, filter_eps) -> (d_hidden|None, d_weight|None, d_bias|None); "
+        "softcap 0 means none, filter_eps 0 an exact gradient",
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("lse"),
         py::arg("coef_a"), py::arg("coef_b"), py::arg("coef_c"), py::arg("temperature"), py::arg("softcap"),
-        py::arg("need_hidden"), py::arg("need_weight"), py::arg("need_bias"),
+        py::arg("need_hidden"), py::arg("need_weight"), py::arg("need_bias"), py::arg("filter_eps"),
         py::call_guard<py::gil_scoped_release>());
 }

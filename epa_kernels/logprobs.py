@@ -30,7 +30,7 @@ class LogProbs(NamedTuple):
     entropy: torch.Tensor | None
 
 
-FILTERING_BACKENDS = ("triton",)  # backends whose backward implements filter_eps
+FILTERING_BACKENDS = ("triton", "native")  # backends whose backward implements filter_eps
 
 
 def check_logit_options(temperature, softcap, filter_eps):
@@ -112,7 +112,7 @@ def linear_logprobs(
     positions that do not count; weight [V, D]; bias [V].
     reduction: "sum" or "mean" → one fp32 value per sequence ([S] / [B]; a sequence with no counted
     token gives 0); "none" → fp32 per token, shaped like targets (0 at ignored positions).
-    softcap c applies z ← c·tanh(z / c) after the temperature. `filter_eps` (Triton backend) skips
+    softcap c applies z ← c·tanh(z / c) after the temperature. `filter_eps` (triton, native) skips
     backward tiles whose every |∂logit| is below it: faster, approximate; None (default) is exact.
     Returns a tensor, or `LogProbs(logps, lse, entropy)` with `return_lse` / `return_entropy`.
     Differentiable w.r.t. hidden, weight and bias under any upstream gradient.
@@ -122,9 +122,9 @@ def linear_logprobs(
     temperature, softcap, filter_eps = check_logit_options(temperature, softcap, filter_eps)
     name = backend_name(backend, hidden.device)
     if filter_eps and name not in FILTERING_BACKENDS:  # never accept an approximation and silently not make it
-        raise ValueError(f"filter_eps is implemented by the {', '.join(FILTERING_BACKENDS)} backend only; backend "
+        raise ValueError(f"filter_eps is implemented by the {' and '.join(FILTERING_BACKENDS)} backends only; backend "
                          f"{name!r} (from backend={backend!r}) computes the exact gradient: drop filter_eps or pass "
-                         "backend='triton'")
+                         "backend='triton' (CUDA) or 'native' (CPU)")
     tokens = prepare_tokens(hidden, targets, layout, ignore_index)
     index, seq_ids, num_tokens = tokens.index, tokens.seq_ids, layout.seq_ids.numel()
 

@@ -37,8 +37,9 @@ def backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c=None, *,
     """Gradients (d hidden [M, D] | None, d weight [V, D] | None, d bias [V] | None) in the input dtypes.
 
     lse, coef_a, coef_b, coef_c: [M] fp32 (coef_c None when no entropy gradient).
-    `filter_eps` is accepted for interface parity; this backend always computes the exact gradient.
+    `filter_eps`: skip the gradient GEMMs of (token block, 128-column vocab block) tiles whose every |d logit| is
+    below it (None or 0 = exact gradient).
     """
-    del filter_eps
     return _ext().backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c, float(temperature),
-                           _softcap_arg(softcap), bool(need_hidden), bool(need_weight), bool(need_bias))
+                           _softcap_arg(softcap), bool(need_hidden), bool(need_weight), bool(need_bias),
+                           float(filter_eps or 0.0))
