@@ -125,11 +125,8 @@ def _check_per_group(name, value, shape, device):
     return value.detach()
 
 
-def group_rewards(policy_logps, ref_logps, groups, *, loss="epa", beta=0.1, num_strong=None, weak_weight=1.0,
-                  positive_weight=1.0, weights=None, scores=None, score_temperature=1.0, margin=0.0,
-                  label_smoothing=0.0) -> GroupedRewards:
-    """Validate the arguments of `preference_loss` and gather the rewards into groups."""
-    check_choice("loss", loss, LOSSES)
+def _check_logps(policy_logps, ref_logps) -> int:
+    """Validate the per-sequence log-probs [S] (and the reference's, if any); return S."""
     check_tensor("policy_logps", policy_logps, dims=(1,))
     if not policy_logps.is_floating_point():
         raise TypeError(f"policy_logps must be a floating tensor, got {policy_logps.dtype}")
@@ -139,6 +136,16 @@ def group_rewards(policy_logps, ref_logps, groups, *, loss="epa", beta=0.1, num_
         if ref_logps.shape[0] != num_seqs:
             raise ValueError(f"ref_logps must have one value per sequence [S] = [{num_seqs}], "
                              f"got {tuple(ref_logps.shape)}")
+    return num_seqs
+
+
+def group_rewards(policy_logps, ref_logps, groups, *, loss="epa", beta=0.1, num_strong=None, weak_weight=1.0,
+                  positive_weight=1.0, weights=None, scores=None, score_temperature=1.0, margin=0.0,
+                  label_smoothing=0.0) -> GroupedRewards:
+    """Validate the arguments of `preference_loss` and gather the rewards into groups."""
+    check_choice("loss", loss, LOSSES)
+    num_seqs = _check_logps(policy_logps, ref_logps)
+    if ref_logps is not None:
         if loss == "simpo":
             raise ValueError("loss='simpo' is reference-free: pass ref_logps=None")
     beta = check_positive_finite("beta", beta)
@@ -251,13 +258,7 @@ def _gather_checked(policy_logps, ref_logps, groups, process_group, **options):
 
     error, count = None, 0
     try:
-        check_tensor("policy_logps", policy_logps, dims=(1,))
-        count = policy_logps.shape[0]
-        if ref_logps is not None:
-            check_tensor("ref_logps", ref_logps, dims=(1,))
-            if ref_logps.shape[0] != count:
-                raise ValueError(f"ref_logps must have one value per sequence [S] = [{count}], "
-                                 f"got {tuple(ref_logps.shape)}")
+        count = _check_logps(policy_logps, ref_logps)
     except (ValueError, TypeError) as caught:
         error = caught
     device = distributed.collective_device(process_group, policy_logps)
