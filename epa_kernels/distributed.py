@@ -15,12 +15,9 @@ def exchange_counts(count: int, device, group=None, error: BaseException | None 
     """Every rank's number of sequences, in rank order, gathered once per call together with whether the rank's
     inputs failed its local checks (`error`). If any rank failed, every rank raises here, so none is left waiting
     in a later collective that the failed rank never reaches."""
-    _check_initialised()
-    mine = torch.tensor([count, int(error is not None)], dtype=torch.int64, device=device)
-    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, mine, group=group)
-    _raise_together(error, [int(part[1]) for part in parts])
-    return [int(part[0]) for part in parts]
+    rows = _all_gather_ints([count, int(error is not None)], device, group)
+    _raise_together(error, [failed for _, failed in rows])
+    return [count for count, _ in rows]
 
 
 def collective_device(group, like) -> torch.device:
@@ -32,11 +29,16 @@ def collective_device(group, like) -> torch.device:
 
 def agree(error: BaseException | None, device, group=None) -> None:
     """Raise on every rank if any rank's check failed: this rank's own error, or one naming the failed ranks."""
+    _raise_together(error, [failed for (failed,) in _all_gather_ints([int(error is not None)], device, group)])
+
+
+def _all_gather_ints(values: list[int], device, group) -> list[list[int]]:
+    """Every rank's small list of ints, in rank order (one collective)."""
     _check_initialised()
-    flag = torch.tensor([int(error is not None)], dtype=torch.int64, device=device)
-    parts = [torch.zeros_like(flag) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, flag, group=group)
-    _raise_together(error, [int(part) for part in parts])
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    return [part.tolist() for part in parts]
 
 
 def _raise_together(error, failed: list[int]) -> None:
