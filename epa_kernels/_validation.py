@@ -53,11 +53,12 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def require(condition: torch.Tensor, message) -> None:
+def require(condition: torch.Tensor, message, summary: str = "invalid input") -> None:
     """A check on tensor values: raises ValueError(message()) in eager mode (message is a callable, so the
-    details are read only on failure); under torch.compile an in-graph async assert, with no host sync."""
+    details are read only on failure); under torch.compile an in-graph async assert saying `summary`, with no
+    host sync."""
     if compiling():
-        torch._assert_async(condition, "epa_kernels: invalid input (run eagerly for the details)")
+        torch._assert_async(condition, f"epa_kernels: {summary} (run eagerly for the details)")
     elif not bool(condition):
         raise ValueError(message())
 
@@ -117,13 +118,8 @@ def check_linear_inputs(hidden, weight, targets, bias, cu_seqlens, ignore_index,
 
     vocab = weight.shape[0]
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if compiling():  # no data-dependent Python under torch.compile: the check stays in the graph as an assert
-        torch._assert_async(~bad.any(), f"targets must be in [0, {vocab}) or equal ignore_index={ignore_index}")
-    elif bool(bad.any()):
-        first = targets[bad][0].item()
-        raise ValueError(
-            f"targets must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}"
-        )
+    rule = f"targets must be in [0, {vocab}) or equal ignore_index={ignore_index}"
+    require(~bad.any(), lambda: f"{rule}; found {targets[bad][0].item()}", summary=rule)
 
     num_tokens = targets.numel()
     if hidden.dim() == 3:
@@ -144,15 +140,11 @@ def check_linear_inputs(hidden, weight, targets, bias, cu_seqlens, ignore_index,
         raise ValueError(f"cu_seqlens must hold S+1 >= 2 offsets, got {cu_seqlens.numel()}")
     bounds = cu_seqlens.to(torch.int64)
     lengths = bounds[1:] - bounds[:-1]
-    if compiling():
-        torch._assert_async((bounds[0] == 0) & (bounds[-1] == num_tokens) & (lengths >= 0).all(),
-                            f"cu_seqlens must be non-decreasing from 0 to N = {num_tokens}")
-    else:
-        first, last = int(bounds[0]), int(bounds[-1])
-        if first != 0 or last != num_tokens:
-            raise ValueError(f"cu_seqlens must start at 0 and end at N = {num_tokens}, got {first} … {last}")
-        if bool((lengths < 0).any()):
-            raise ValueError("cu_seqlens must be non-decreasing")
+    ends = f"cu_seqlens must start at 0 and end at N = {num_tokens}"
+    require((bounds[0] == 0) & (bounds[-1] == num_tokens),
+            lambda: f"{ends}, got {int(bounds[0])} … {int(bounds[-1])}", summary=ends)
+    monotone = "cu_seqlens must be non-decreasing"
+    require((lengths >= 0).all(), lambda: monotone, summary=monotone)
     # The sequence of token t: how many sequences end at or before t (empty sequences included); no host sync.
     positions = torch.arange(num_tokens, device=hidden.device)
     seq_ids = torch.searchsorted(bounds[1:].contiguous(), positions, right=True)
