@@ -26,10 +26,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import epa_kernels
+from benchmarks import activations
 from benchmarks.peers import peer_implementations
 from epa_kernels import fused_linear_preference_loss, make_groups, preference_loss, reference
+from epa_kernels.logprobs import FILTERING_BACKENDS
 
 CASE_PATTERN = re.compile(r"^(logprobs|dpo|epa-1\+(\d+)(?:\+(\d+))?)$")
+SOURCES = ("random", "smollm2")  # where a case's hidden states, head and targets come from
+FILTER_SEP = "@"  # "native@1e-5": an implementation run with filter_eps=1e-5
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class Case:
     kind "logprobs": per-sequence log-probs of `seqs` sequences. Loss kinds, "dpo" (1+1) and "epa"
     (1 positive + `strong` + `weak` negatives per prompt): as many prompts as fit `seqs` sequences
     (at least one), the N tokens split evenly between their sequences.
+
+    source "random": Gaussian hidden states and head (a flat softmax); "smollm2": SmolLM2-135M-Instruct's own
+    final hidden states, head and next tokens on real dialogue (`benchmarks/activations.py`; D = 576,
+    V = 49152), whose softmax is as peaked as a trained model's.
     """
 
     tokens: int
@@ -49,6 +57,14 @@ class Case:
     kind: str = "logprobs"
     strong: int = 1
     weak: int = 0
+    source: str = "random"
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown source {self.source!r}: use one of {', '.join(SOURCES)}")
+        if self.source == "smollm2" and (self.hidden, self.vocab) != (activations.HIDDEN, activations.VOCAB):
+            raise ValueError(f"source smollm2 has D = {activations.HIDDEN}, V = {activations.VOCAB}; "
+                             f"got D = {self.hidden}, V = {self.vocab}")
 
     @classmethod
     def parse(cls, name: str, **sizes) -> Case:
@@ -62,9 +78,10 @@ class Case:
 
     @property
     def name(self) -> str:
+        name = self.kind
         if self.kind == "epa":
-            return f"epa-1+{self.strong}" + (f"+{self.weak}" if self.weak else "")
-        return self.kind
+            name = f"epa-1+{self.strong}" + (f"+{self.weak}" if self.weak else "")
+        return name if self.source == "random" else f"{name} ({self.source})"
 
     @property
     def group_size(self) -> int:
@@ -88,21 +105,33 @@ class Case:
     def inputs(self, device, seed=0):
         """(hidden, weight, targets, cu_seqlens, upstream gradient of the output)."""
         gen = torch.Generator().manual_seed(seed)
-        hidden = torch.randn(self.tokens, self.hidden, generator=gen).to(device, self.torch_dtype)
-        weight = (torch.randn(self.vocab, self.hidden, generator=gen) / self.hidden**0.5).to(device, self.torch_dtype)
-        targets = torch.randint(0, self.vocab, (self.tokens,), generator=gen).to(device)
-        step = self.tokens // self.num_seqs
-        cu_seqlens = torch.tensor([i * step for i in range(self.num_seqs)] + [self.tokens], device=device)
+        if self.source == "smollm2":
+            data = activations.load(self.tokens - self.tokens % self.num_seqs, self.num_seqs)
+            hidden, weight = data["hidden"].to(device, self.torch_dtype), data["weight"].to(device, self.torch_dtype)
+            targets, cu_seqlens = data["targets"].to(device), data["cu_seqlens"].to(device)
+        else:
+            hidden = torch.randn(self.tokens, self.hidden, generator=gen).to(device, self.torch_dtype)
+            weight = (torch.randn(self.vocab, self.hidden, generator=gen) / self.hidden**0.5).to(device,
+                                                                                                  self.torch_dtype)
+            targets = torch.randint(0, self.vocab, (self.tokens,), generator=gen).to(device)
+            step = self.tokens // self.num_seqs
+            cu_seqlens = torch.tensor([i * step for i in range(self.num_seqs)] + [self.tokens], device=device)
         shape = (self.num_seqs,) if self.kind == "logprobs" else ()
         upstream = torch.randn(shape, generator=gen).to(device) if shape else torch.ones((), device=device)
         return hidden.requires_grad_(), weight.requires_grad_(), targets, cu_seqlens, upstream
 
     def loss_arguments(self, device, seed=1):
-        """Groups, reference log-probs near the policy's (−log V per token) and the loss options."""
+        """Groups, reference log-probs near the policy's (its own plus N(0, 1) noise for a model's activations, −log V
+        per token for random ones) and the loss options."""
         gen = torch.Generator().manual_seed(seed)
         groups = make_groups(self.num_seqs // self.group_size, self.strong, self.weak, device=device)
-        per_seq = self.tokens // self.num_seqs
-        ref_logps = (-per_seq * math.log(self.vocab) + torch.randn(self.num_seqs, generator=gen)).to(device)
+        if self.source == "random":
+            policy = torch.full((self.num_seqs,), -(self.tokens // self.num_seqs) * math.log(self.vocab))
+        else:
+            hidden, weight, targets, cu_seqlens, _ = self.inputs(device)
+            with torch.no_grad():
+                policy = epa_kernels.linear_logprobs(hidden, weight, targets, cu_seqlens=cu_seqlens).cpu()
+        ref_logps = (policy + torch.randn(self.num_seqs, generator=gen)).to(device)
         options = {"loss": "dpo" if self.kind == "dpo" else "epa", "beta": 0.1}
         if self.kind == "epa":
             options["num_strong"] = self.strong
@@ -122,8 +151,8 @@ def implementations(device: torch.device, case: Case, names=None) -> dict[str, C
         def reference_fn(h, w, t, cu):
             return reference.linear_logprobs(h, w, t, cu_seqlens=cu)
 
-        def fused_fn(h, w, t, cu, backend):
-            return epa_kernels.linear_logprobs(h, w, t, cu_seqlens=cu, backend=backend)
+        def fused_fn(h, w, t, cu, backend, filter_eps=None):
+            return epa_kernels.linear_logprobs(h, w, t, cu_seqlens=cu, backend=backend, filter_eps=filter_eps)
     else:
         groups, ref_logps, options = case.loss_arguments(device)
 
@@ -131,9 +160,9 @@ def implementations(device: torch.device, case: Case, names=None) -> dict[str, C
             logps = reference.linear_logprobs(h, w, t, cu_seqlens=cu)
             return preference_loss(logps, ref_logps, groups, **options)[0]
 
-        def fused_fn(h, w, t, cu, backend):
+        def fused_fn(h, w, t, cu, backend, filter_eps=None):
             return fused_linear_preference_loss(h, w, t, groups, cu_seqlens=cu, ref_logps=ref_logps, backend=backend,
-                                                **options)[0]
+                                                filter_eps=filter_eps, **options)[0]
 
     impls: dict[str, Callable | str] = {"reference": reference_fn}
     for name, info in epa_kernels.backends().items():
@@ -146,8 +175,29 @@ def implementations(device: torch.device, case: Case, names=None) -> dict[str, C
             reason = info.detail if not info.available else (
                 f"needs CUDA tensors (device: {device.type})" if name == "triton" else "runs on CPU tensors only")
             impls[name] = f"skipped: {reason}"
+    for name in names or ():  # gradient-filtering variants, "backend@eps"
+        if FILTER_SEP in name:
+            backend, eps = filter_variant(name)
+            base = impls.get(backend)
+            impls[name] = base if isinstance(base, str) else functools.partial(fused_fn, backend=backend,
+                                                                               filter_eps=eps)
     impls.update(peer_implementations(device, case, names))
     return impls
+
+
+def filter_variant(name: str) -> tuple[str, float]:
+    """'native@1e-5' → ('native', 1e-5): a backend that implements filter_eps and a positive eps."""
+    backend, _, eps = name.partition(FILTER_SEP)
+    if backend not in FILTERING_BACKENDS:
+        raise ValueError(f"implementation {name!r}: filter_eps is implemented by "
+                         f"{', '.join(FILTERING_BACKENDS)}, not {backend!r}")
+    try:
+        value = float(eps)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"implementation {name!r}: {eps!r} is not a positive filter_eps")
+    return backend, value
 
 
 def _sync(device):
@@ -257,6 +307,12 @@ def max_rel_error(got, expected) -> float:
 
 # Relative L2 error, per compute dtype, above which a result counts as wrong.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
+# Filtered variants approximate by design: they pass up to bf16 resolution (2⁻⁸ relative) on every output.
+FILTER_TOLERANCE = 2.0**-8
+
+
+def tolerance(impl: str, dtype: str) -> float:
+    return max(TOLERANCE[dtype], FILTER_TOLERANCE) if FILTER_SEP in impl else TOLERANCE[dtype]
 
 
 @dataclass
@@ -294,7 +350,7 @@ def run_case(case: Case, device: torch.device, names, *, warmup: int, repeats: i
                 expected = (logps, *grads)
             error = max(max_rel_error(a, b) for a, b in zip((logps, *grads), expected, strict=True))
             del logps, grads
-            if error > TOLERANCE[case.dtype]:
+            if error > tolerance(name, case.dtype):
                 results.append(Result(name, described, f"wrong: relative error {error:.2e}", error=error))
                 continue
             timing = time_pass(impl, inputs, device, warmup=warmup, repeats=repeats)
@@ -316,6 +372,29 @@ def run_case(case: Case, device: torch.device, names, *, warmup: int, repeats: i
             if r.peak_bytes and base.peak_bytes:
                 r.ratios["memory"] = r.peak_bytes / base.peak_bytes
     return results
+
+
+def gemm_floor_ms(case: Case, device: torch.device, *, warmup: int, repeats: int) -> float:
+    """Median time of the four GEMMs of N·D·V that an exact fused pass runs (the logits, their recompute in the
+    backward, d_hidden, d_weight) in the case's dtype, into preallocated outputs: the floor of any exact fused
+    method. A materialised reference keeps its logits and runs three."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(case.tokens, case.hidden, generator=gen).to(device, case.torch_dtype)
+    weight = torch.randn(case.vocab, case.hidden, generator=gen).to(device, case.torch_dtype)
+    logits = torch.empty(case.tokens, case.vocab, device=device, dtype=case.torch_dtype)
+    d_hidden, d_weight = torch.empty_like(hidden), torch.empty_like(weight)
+    times = []
+    for i in range(warmup + repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(hidden, weight.t(), out=logits)
+        torch.mm(hidden, weight.t(), out=logits)
+        torch.mm(logits, weight, out=d_hidden)
+        torch.mm(logits.t(), hidden, out=d_weight)
+        _sync(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 def environment(device: torch.device) -> dict:

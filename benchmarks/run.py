@@ -4,11 +4,16 @@
     python -m benchmarks.run --preset gpu          # N=8192, D=4096, V=128256, bf16 on CUDA
     python -m benchmarks.run --tokens 4096 --vocab 32000 --hidden 512 --impls reference native
     python -m benchmarks.run --cases logprobs dpo epa-1+3 epa-1+3+60
+    python -m benchmarks.run --preset cpu-real     # SmolLM2's real activations, filter_eps variants, GEMM floors
+    python -m benchmarks.run --source smollm2 --tokens 4096 --impls reference native native@1e-5
 
 Cases: per-sequence log-probs ("logprobs"), DPO ("dpo", 1+1) and EPA ("epa-1+K" or "epa-1+K+W":
 K strong and W weak negatives per prompt) on the same N tokens; for loss cases the reference is the
-unfused path (materialised log-probs + preference_loss). Prints a markdown table and a summary,
-and writes results.json + results.md to --out (default bench-out/).
+unfused path (materialised log-probs + preference_loss). `--source smollm2` replaces the random inputs by
+SmolLM2-135M's own activations on real text (D = 576, V = 49152; `benchmarks/activations.py`). An
+implementation "backend@eps" is that backend with filter_eps=eps (triton, native), accepted up to 2⁻⁸ relative
+error. Each size also gets its 4-GEMM floor (the GEMMs of an exact fused pass, timed alone). Prints a markdown
+table and a summary, and writes results.json + results.md to --out (default bench-out/).
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from dataclasses import asdict
 
 import torch
 
-from benchmarks.harness import CPU_MEMORY_ENV, Case, cpu_memory_exact, environment, run_case
+from benchmarks import activations
+from benchmarks.harness import CPU_MEMORY_ENV, SOURCES, Case, cpu_memory_exact, environment, gemm_floor_ms, run_case
 from benchmarks.plots import write_plots
 
 # A preset is a list of grids; each grid is the product of its cases, tokens, hidden sizes and vocabularies.
@@ -46,6 +52,17 @@ PRESETS = {
              "vocab": [128256]},
         ],
     },
+    # The exact native backend against its 4-GEMM floor on random inputs, then SmolLM2's real activations with
+    # gradient-filtering variants (error against the exact result in the table). About 20 minutes on 2 cores.
+    "cpu-real": {
+        "dtype": "float32", "repeats": 3, "warmup": 1,
+        "impls": ["reference", "reference-compile", "native", "torch", "cce-torch-compile", "trl",
+                  "native@1e-6", "native@3e-6", "native@1e-5", "native@3e-5"],
+        "grids": [
+            {"cases": ["logprobs"], "tokens": [4096], "hidden": [512], "vocab": [32000]},
+            {"cases": ["logprobs"], "tokens": [4096], "source": "smollm2"},
+        ],
+    },
 }
 IMPLS = ["reference", "reference-compile", "triton", "native", "torch", "liger", "cce", "cce-torch-compile", "trl"]
 
@@ -56,7 +73,10 @@ def parse_args(argv=None):
                         "options below replace the preset's grids with one grid")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--cases", nargs="+", help="logprobs, dpo, epa-1+K, epa-1+K+W (default: the preset's)")
-    parser.add_argument("--impls", nargs="+", default=IMPLS, help=f"implementations (default: {' '.join(IMPLS)})")
+    parser.add_argument("--impls", nargs="+", help=f"implementations, 'backend@eps' for a filtered one (default: "
+                        f"the preset's, else {' '.join(IMPLS)})")
+    parser.add_argument("--source", choices=SOURCES, help="inputs: random, or smollm2's real activations (D and V "
+                        "are then the model's)")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts N")
     parser.add_argument("--hidden", type=int, nargs="+", help="hidden sizes D")
     parser.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes V")
@@ -91,11 +111,24 @@ def markdown_table(results) -> str:
     return "\n".join(lines)
 
 
-def summary(results) -> str:
-    """What one run shows beyond the table: a loss's cost over plain log-probs of the same backend, and
-    how peak memory moves with the number of negatives at a fixed token count."""
+def size_key(case) -> tuple:
+    """(N, D, V, dtype) of a Case or of a result's case dict."""
+    c = case if isinstance(case, dict) else vars(case)
+    return c["tokens"], c["hidden"], c["vocab"], c["dtype"]
+
+
+def summary(results, floors=None) -> str:
+    """What one run shows beyond the table: each implementation's time over the 4-GEMM floor of its size, a
+    loss's cost over plain log-probs of the same backend, and how peak memory moves with the number of
+    negatives at a fixed token count."""
     ok = [r for r in results if r.status == "ok"]
     lines = []
+    for size, floor in (floors or {}).items():
+        rows = [r for r in ok if size_key(r.case) == size and r.case["kind"] == "logprobs"]
+        if rows:
+            ratios = ", ".join(f"{r.impl} {r.full_ms / floor:.2f}×" for r in rows)
+            lines.append(f"- N={size[0]}, D={size[1]}, V={size[2]} {size[3]}: 4 GEMMs take {floor:.1f} ms; time over "
+                         f"that floor ({rows[0].case['name']}): {ratios}")
     for r in ok:
         c = r.case
         if c["kind"] == "logprobs":
@@ -123,29 +156,38 @@ def main(argv=None):
     preset = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
     settings = {key: getattr(args, key) if getattr(args, key) is not None else preset[key]
                 for key in ("dtype", "repeats", "warmup")}
+    impls = args.impls or preset.get("impls", IMPLS)
     grids = preset["grids"]
-    overrides = {key: getattr(args, key) for key in ("cases", "tokens", "hidden", "vocab") if getattr(args, key)}
+    overrides = {key: getattr(args, key) for key in ("cases", "tokens", "hidden", "vocab", "source")
+                 if getattr(args, key)}
     if overrides:  # command-line sizes replace the preset's grids with one grid
         base = grids[0]
-        grids = [{key: overrides.get(key, base[key]) for key in ("cases", "tokens", "hidden", "vocab")}]
+        grids = [{key: overrides.get(key, base.get(key)) for key in ("cases", "tokens", "hidden", "vocab", "source")}]
     cases = []
     for grid in grids:
+        source = grid.get("source") or "random"
+        model_sizes = source == "smollm2"  # a model's activations come with its D and V
         for name in grid["cases"]:
             for tokens in grid["tokens"]:
-                for hidden in grid["hidden"]:
-                    for vocab in grid["vocab"]:
-                        case = Case.parse(name, tokens=tokens, hidden=hidden, vocab=vocab, dtype=settings["dtype"])
+                for hidden in [activations.HIDDEN] if model_sizes else grid["hidden"]:
+                    for vocab in [activations.VOCAB] if model_sizes else grid["vocab"]:
+                        case = Case.parse(name, tokens=tokens, hidden=hidden, vocab=vocab, dtype=settings["dtype"],
+                                          source=source)
                         if case not in cases:
                             cases.append(case)
     env = environment(device)
     print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
-    results = []
+    results, floors = [], {}
     for i, case in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] case {case.name} N={case.tokens} D={case.hidden} V={case.vocab} {case.dtype} "
               f"({case.num_seqs} sequences):", flush=True)
-        results += run_case(case, device, args.impls, warmup=settings["warmup"], repeats=settings["repeats"],
+        results += run_case(case, device, impls, warmup=settings["warmup"], repeats=settings["repeats"],
                             memory=not args.no_memory, progress=lambda msg: print(msg, flush=True))
-    table = markdown_table(results) + "\n\n" + summary(results)
+        size = size_key(case)
+        if size not in floors:
+            floors[size] = gemm_floor_ms(case, device, warmup=settings["warmup"], repeats=settings["repeats"])
+            print(f"  4-GEMM floor: {floors[size]:.1f} ms", flush=True)
+    table = markdown_table(results) + "\n\n" + summary(results, floors)
     conditions = (
         f"{env['device']}; torch {env['torch']}, triton {env['triton']}; commit {env['commit']}; {env['date']}; "
         f"median of {settings['repeats']} after {settings['warmup']} warm-up; forward + backward w.r.t. hidden and "
@@ -156,7 +198,9 @@ def main(argv=None):
     print("\n" + table + "\n\n" + conditions)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as out:
-        json.dump({"environment": env, "settings": settings, "results": [asdict(r) for r in results]}, out, indent=2)
+        json.dump({"environment": env, "settings": settings, "results": [asdict(r) for r in results],
+                   "gemm_floor_ms": [{"tokens": n, "hidden": d, "vocab": v, "dtype": t, "ms": ms}
+                                     for (n, d, v, t), ms in floors.items()]}, out, indent=2)
     with open(os.path.join(args.out, "results.md"), "w") as out:
         out.write(table + "\n\n" + conditions + "\n")
     try:

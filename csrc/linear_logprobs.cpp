@@ -7,7 +7,7 @@
 //             and, for entropy, the rescaled sum of e^{z-m}·z);
 //   backward: dz = p·(b + c·z) + a·onehot chained through softcap and temperature, written in place, and
 //             then fed to the GEMMs d_hidden[t0:t1] += dz·W[v0:v1] and d_weight[v0:v1] += dzᵀ·h[t0:t1]
-//             (with filter_eps > 0, only for the 128-column blocks holding some |dz| ≥ filter_eps).
+//             (with filter_eps > 0, the entries whose p < filter_eps are dropped, see SparseTile).
 // Logits therefore never exist beyond one tile, so the extra memory is the tile plus fp32 staging copies
 // for reduced-precision inputs. Vocab-outer order lets a reduced-precision weight tile be upcast once and
 // lets d_weight[v0:v1] be finished (and downcast) while it is hot.
@@ -27,6 +27,9 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -160,66 +163,135 @@ inline void forward_row(float* row, int64_t n, int64_t v0, int64_t y, const Tran
   if (y >= v0 && y < v0 + n) st.target[t] = row[y - v0];
 }
 
-// Gradient filtering: a tile's columns in blocks of kFilterBlock; a block whose every |dz| is below eps adds at
-// most eps·|W_j| (or |h_t|) per entry to the gradients, and its GEMM work is skipped. Kept blocks that touch are
-// merged into one run, so an unfiltered tile is still one GEMM.
-constexpr int64_t kFilterBlock = 128;
+// Gradient filtering (filter_eps > 0). On a trained model's peaked softmax almost every probability of a tile is tiny
+// but the large ones are scattered: whole 128-column blocks below eps are rare, single entries below it are ~99%
+// (SmolLM2 on dialogue). So the filter is per entry: the softmax part of dz is kept where p >= eps, as a sparse
+// row applied by AXPYs, and each dropped entry is replaced by the mean row of the other operand, an exact identity
+// up to a small residual:
+//   Σ_j dz_j W_j = Σ_kept dz_j W_j + (Σ_dropped dz_j)·W̄ + Σ_dropped dz_j (W_j − W̄),
+// the last sum being what is dropped; each dropped |dz_j| = p_j·|b + c·z_j|·chain is below eps times the row's
+// coefficient |b + c·z_j|·chain. The dropped entries share the sign of that coefficient, so without the W̄ term their sum would push every row of d_hidden the
+// same way. The criterion is on p, not on |dz|, so one eps suits any loss scale. A tile with too many kept entries
+// for AXPYs to beat the GEMMs is applied exactly with the GEMMs instead.
+constexpr double kMaxSparseFraction = 1.0 / 16;
 
-std::vector<std::pair<int64_t, int64_t>> kept_runs(const float* tile, int64_t rows, int64_t cols, float eps) {
-  std::vector<std::pair<int64_t, int64_t>> runs;
-  if (!(eps > 0.0f)) return {{0, cols}};
-  const int64_t blocks = (cols + kFilterBlock - 1) / kFilterBlock;
-  std::vector<char> keep(blocks, 0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t c0 = b * kFilterBlock, c1 = std::min(cols, c0 + kFilterBlock);
-      for (int64_t r = 0; r < rows && !keep[b]; ++r) {
-        const float* row = tile + r * cols;
-        for (int64_t c = c0; c < c1; ++c) {
-          if (std::abs(row[c]) >= eps) {
-            keep[b] = 1;
-            break;
-          }
+struct Entry {
+  int32_t col;
+  float val;
+};
+
+// Kept entries of one tile, row by row in column order, per row the sum of the dropped ones, and per thread the
+// column sums of whole rows (reduced by `column_sums`).
+struct SparseTile {
+  std::vector<std::vector<Entry>> rows;
+  std::vector<float> dropped;
+  at::Tensor col_acc;  // [threads, max cols]
+
+  SparseTile(int64_t max_rows, int64_t max_cols)
+      : rows(max_rows), dropped(max_rows), col_acc(at::empty({at::get_num_threads(), max_cols}, at::kFloat)) {}
+
+  void start(int64_t nv) { col_acc.narrow(1, 0, nv).zero_(); }
+
+  // The sink of row r for backward_row, writing into this thread's column sums.
+  struct Row {
+    std::vector<Entry>& kept;
+    float* col_sums;
+    float eps;
+    Vec total = Vec(0.0f);
+    float kept_sum = 0.0f;
+
+    // Columns [c, c + count) with probabilities p and gradients dz (lanes past count are zero).
+    void take(int64_t c, Vec p, Vec dz, int64_t count) {
+      total = total + dz;
+      (Vec::loadu(col_sums + c, count) + dz).store(col_sums + c, count);
+      // zero_mask has a bit per lane equal to 0; the comparison sets every bit of a lane that passes
+      if (Vec(p >= Vec(eps)).zero_mask() == (1 << Vec::size()) - 1) return;
+      float ps[Vec::size()], dzs[Vec::size()];
+      p.store(ps);
+      dz.store(dzs);
+      for (int64_t l = 0; l < count; ++l) {
+        if (ps[l] >= eps) {
+          kept.push_back({static_cast<int32_t>(c + l), dzs[l]});
+          kept_sum += dzs[l];
         }
       }
     }
-  });
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (!keep[b]) continue;
-    const int64_t c0 = b * kFilterBlock, c1 = std::min(cols, c0 + kFilterBlock);
-    if (!runs.empty() && runs.back().second == c0) {
-      runs.back().second = c1;
-    } else {
-      runs.emplace_back(c0, c1);
-    }
-  }
-  return runs;
-}
+    float dropped() const { return total.reduce_add() - kept_sum; }
+  };
 
-// Overwrites one row of raw logits with d loss / d raw logit for token t. With `target_coef`, the target's
-// one-hot term a·chain is stored there instead of added to the row (gradient filtering applies it sparsely,
-// so that the softmax part alone decides which blocks are negligible).
+  Row row(int64_t r, float eps) {
+    rows[r].clear();
+    return {rows[r], col_acc.data_ptr<float>() + at::get_thread_num() * col_acc.size(1), eps};
+  }
+
+  // Σ over threads of the column sums: [nv].
+  at::Tensor column_sums(int64_t nv) const { return col_acc.narrow(1, 0, nv).sum(0); }
+
+  // dh[r] += Σ_kept val·w[col] for the tile's rows (rows are independent: parallel over them).
+  void apply_hidden(int64_t nt, const float* w, int64_t D, float* dh) const {
+    at::parallel_for(0, nt, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (const Entry& e : rows[r]) axpy(e.val, w + e.col * D, dh + r * D, D);
+      }
+    });
+  }
+
+  // dw[col] += Σ_kept val·h[r] and col_dropped[col] −= Σ_kept val (columns are independent: parallel over them).
+  void apply_weight(int64_t nt, int64_t nv, const float* h, int64_t D, float* dw, float* col_dropped) const {
+    at::parallel_for(0, nv, 64, [&](int64_t c0, int64_t c1) {
+      auto before = [](const Entry& e, int64_t c) { return e.col < c; };
+      for (int64_t r = 0; r < nt; ++r) {
+        const std::vector<Entry>& row = rows[r];
+        for (auto e = std::lower_bound(row.begin(), row.end(), c0, before); e != row.end() && e->col < c1; ++e) {
+          axpy(e->val, h + r * D, dw + e->col * D, D);
+          col_dropped[e->col] -= e->val;
+        }
+      }
+    });
+  }
+
+  static void axpy(float a, const float* x, float* y, int64_t n) {
+    constexpr int64_t W = Vec::size();
+    const Vec va(a);
+    int64_t i = 0;
+    for (; i + W <= n; i += W) at::vec::fmadd(va, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+    for (; i < n; ++i) y[i] += a * x[i];
+  }
+};
+
+// Overwrites one row of raw logits with d loss / d raw logit for token t. With a filtering `sink`, the target's
+// one-hot term a·chain is stored in *target_coef instead of added to the row (it is applied apart, exactly), and
+// the sink receives the row's probabilities and gradients.
 inline void backward_row(float* row, int64_t n, int64_t v0, int64_t y, const Transform& tf, float lse,
-                         float a, float b, const float* c, float* target_coef) {
+                         float a, float b, const float* c, float* target_coef, SparseTile::Row* sink) {
   constexpr int64_t W = Vec::size();
   const int64_t full = n - n % W;
   const bool on_target = y >= v0 && y < v0 + n;
   const float raw_target = on_target ? row[y - v0] : 0.0f;
   const Vec vlse(lse), vb(b);
   const bool trivial_chain = tf.inv_temp == 1.0f && tf.softcap == 0.0f;
-  auto grad = [&](Vec z) {
-    const Vec p = (z - vlse).exp();
+  auto grad = [&](Vec z, Vec p) {
     Vec dz = c ? p * at::vec::fmadd(Vec(*c), z, vb) : p * vb;
     return trivial_chain ? dz : dz * tf.chain(z);
   };
-  for (int64_t j = 0; j < full; j += W) grad(tf.apply(Vec::loadu(row + j), j)).store(row + j);
+  for (int64_t j = 0; j < full; j += W) {
+    const Vec z = tf.apply(Vec::loadu(row + j), j);
+    const Vec p = (z - vlse).exp();
+    const Vec dz = grad(z, p);
+    dz.store(row + j);
+    if (sink) sink->take(j, p, dz, W);
+  }
   if (full < n) {
     const int64_t rem = n - full;
-    grad(tf.apply(Vec::loadu(row + full, rem), full, rem)).store(row + full, rem);
+    const Vec z = tf.apply(Vec::loadu(row + full, rem), full, rem);
+    const Vec p = Vec::set(Vec(0.0f), (z - vlse).exp(), rem);
+    const Vec dz = Vec::set(Vec(0.0f), grad(z, p), rem);
+    dz.store(row + full, rem);
+    if (sink) sink->take(full, p, dz, rem);
   }
   if (on_target) {
     const float term = a * tf.chain(tf.apply(raw_target, y - v0));
-    if (target_coef) {
+    if (sink) {
       *target_coef = term;
     } else {
       row[y - v0] += term;
@@ -342,10 +414,19 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
   const Tiling tiling = choose_tiling(M, V);
   at::Tensor ws = at::empty({tiling.tokens * tiling.vocab}, f32);
   if (need_weight && !fp32_in) dw32_tile = at::empty({tiling.vocab, D}, f32);
-  const at::Tensor ones = need_bias ? at::ones({tiling.tokens}, f32) : at::Tensor();
 
-  // Filtering: every token's one-hot term a·chain, applied sparsely (index_add) instead of through the GEMMs.
-  const at::Tensor target_coef = filtering ? at::zeros({M}, f32) : at::Tensor();
+  // Filtering: every token's one-hot term a·chain (applied sparsely, so that the softmax part alone decides what
+  // is negligible), each row's dropped sum (times W̄ into d_hidden) and the mean rows W̄ and H̄.
+  const float eps = static_cast<float>(filter_eps);
+  at::Tensor target_coef, row_dropped, w_mean, h_mean;
+  std::unique_ptr<SparseTile> sparse;
+  if (filtering) {
+    target_coef = at::zeros({M}, f32);
+    row_dropped = at::zeros({M}, f32);
+    w_mean = at::mean(weight, {0}, false, at::kFloat);
+    h_mean = h32.mean(0);
+    sparse = std::make_unique<SparseTile>(tiling.tokens, tiling.vocab);
+  }
   float* target_p = filtering ? target_coef.data_ptr<float>() : nullptr;
   const int64_t* y = targets_c.data_ptr<int64_t>();
   const float* lse_p = lse_c.data_ptr<float>();
@@ -362,40 +443,60 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
       dw_acc = fp32_in ? d_weight->narrow(0, v0, nv) : dw32_tile.narrow(0, 0, nv);
       if (filtering) dw_acc.zero_();
     }
+    const at::Tensor col_dropped = filtering ? at::zeros({nv}, f32) : at::Tensor();  // per column, for H̄
     for (int64_t t0 = 0; t0 < M; t0 += tiling.tokens) {
       const int64_t nt = std::min(tiling.tokens, M - t0);
       at::Tensor tile = tile_view(ws, nt, nv);
       const at::Tensor h_blk = h32.narrow(0, t0, nt);
       at::mm_out(tile, h_blk, w32.t());
       float* base = tile.data_ptr<float>();
+      if (filtering) sparse->start(nv);
+      std::atomic<int64_t> kept{0};
       at::parallel_for(0, nt, 1, [&](int64_t r0, int64_t r1) {
+        int64_t local = 0;
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t t = t0 + r;
+          if (!filtering) {
+            backward_row(base + r * nv, nv, v0, y[t], tf, lse_p[t], a_p[t], b_p[t], c_p ? c_p + t : nullptr,
+                         nullptr, nullptr);
+            continue;
+          }
+          SparseTile::Row sink = sparse->row(r, eps);
           backward_row(base + r * nv, nv, v0, y[t], tf, lse_p[t], a_p[t], b_p[t], c_p ? c_p + t : nullptr,
-                       filtering ? target_p + t : nullptr);
+                       target_p + t, &sink);
+          sparse->dropped[r] = sink.dropped();
+          local += static_cast<int64_t>(sparse->rows[r].size());
         }
+        kept += local;
       });
-      // Unfiltered, the first contribution overwrites (beta = 0) and later ones accumulate (beta = 1); filtered,
-      // the accumulators start at zero (a skipped block contributes nothing) and every kept run accumulates.
-      for (const auto& [c0, c1] : kept_runs(base, nt, nv, static_cast<float>(filter_eps))) {
-        const at::Tensor dz = tile.narrow(1, c0, c1 - c0);
-        if (need_hidden) {
-          at::Tensor dh_blk = dh32.narrow(0, t0, nt);
-          if (v0 == 0 && !filtering) {
-            at::mm_out(dh_blk, dz, w32);
-          } else {
-            dh_blk.addmm_(dz, w32.narrow(0, c0, c1 - c0));
-          }
-        }
+      const at::Tensor col_sums = filtering ? sparse->column_sums(nv) : need_bias ? tile.sum(0) : at::Tensor();
+      if (need_bias) db32.narrow(0, v0, nv).add_(col_sums);
+      if (filtering && kept.load() <= kMaxSparseFraction * static_cast<double>(nt * nv)) {
+        if (need_hidden) sparse->apply_hidden(nt, w32.data_ptr<float>(), D, dh32.data_ptr<float>() + t0 * D);
         if (need_weight) {
-          at::Tensor dw_run = dw_acc.narrow(0, c0, c1 - c0);
-          if (t0 == 0 && !filtering) {
-            at::mm_out(dw_run, dz.t(), h_blk);
-          } else {
-            dw_run.addmm_(dz.t(), h_blk);
-          }
+          col_dropped.add_(col_sums);
+          sparse->apply_weight(nt, nv, h_blk.data_ptr<float>(), D, dw_acc.data_ptr<float>(),
+                               col_dropped.data_ptr<float>());
         }
-        if (need_bias) db32.narrow(0, v0 + c0, c1 - c0).addmv_(dz.t(), ones.narrow(0, 0, nt));
+        row_dropped.narrow(0, t0, nt).add_(at::from_blob(sparse->dropped.data(), {nt}, f32));
+        continue;
+      }
+      // Dense: the first contribution overwrites (beta = 0) and later ones accumulate (beta = 1); filtered, the
+      // accumulators start at zero because sparse tiles may come first.
+      if (need_hidden) {
+        at::Tensor dh_blk = dh32.narrow(0, t0, nt);
+        if (v0 == 0 && !filtering) {
+          at::mm_out(dh_blk, tile, w32);
+        } else {
+          dh_blk.addmm_(tile, w32);
+        }
+      }
+      if (need_weight) {
+        if (t0 == 0 && !filtering) {
+          at::mm_out(dw_acc, tile.t(), h_blk);
+        } else {
+          dw_acc.addmm_(tile.t(), h_blk);
+        }
       }
     }
     if (filtering && (need_weight || need_bias)) {  // the one-hot terms of the tokens whose target is here
@@ -405,10 +506,14 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
       if (need_weight) dw_acc.index_add_(0, rows, h32.index_select(0, here) * coef.unsqueeze(1));
       if (need_bias) db32.narrow(0, v0, nv).index_add_(0, rows, coef);
     }
+    if (filtering && need_weight) dw_acc.addr_(col_dropped, h_mean);
     if (need_weight && !fp32_in) d_weight->narrow(0, v0, nv).copy_(dw_acc);
   }
 
-  if (filtering && need_hidden) dh32.add_(as_fp32(weight.index_select(0, targets_c)) * target_coef.unsqueeze(1));
+  if (filtering && need_hidden) {
+    dh32.add_(as_fp32(weight.index_select(0, targets_c)) * target_coef.unsqueeze(1));
+    dh32.addr_(row_dropped, w_mean);
+  }
   if (need_hidden && !fp32_in) d_hidden->copy_(dh32);
   if (need_bias) d_bias = db32.to(bias->scalar_type());
   return {d_hidden, d_weight, d_bias};

@@ -33,14 +33,19 @@ class LogProbs(NamedTuple):
 FILTERING_BACKENDS = ("triton", "native")  # backends whose backward implements filter_eps
 
 
-def check_logit_options(temperature, softcap, filter_eps):
-    """Validated (temperature, softcap, filter_eps) of the logit transform and the gradient filter."""
+def check_logit_options(temperature, softcap, filter_eps, chosen: str, backend: str):
+    """Validated (temperature, softcap, filter_eps) of the logit transform and the gradient filter, which only the
+    FILTERING_BACKENDS implement (the `chosen` backend, from the user's `backend`, must be one of them)."""
     temperature = check_positive_finite("temperature", temperature)
     if softcap is not None:
         softcap = check_positive_finite("softcap", softcap)
     if filter_eps is not None and filter_eps != 0:
         filter_eps = check_positive_finite("filter_eps", filter_eps)
-    return temperature, softcap, filter_eps
+        if chosen not in FILTERING_BACKENDS:  # never accept an approximation and silently not make it
+            raise ValueError(f"filter_eps is implemented by the {' and '.join(FILTERING_BACKENDS)} backends only; "
+                             f"backend {chosen!r} (from backend={backend!r}) computes the exact gradient: drop "
+                             "filter_eps or pass backend='triton' (CUDA) or 'native' (CPU)")
+    return temperature, softcap, filter_eps or None
 
 
 class Tokens(NamedTuple):
@@ -112,19 +117,16 @@ def linear_logprobs(
     positions that do not count; weight [V, D]; bias [V].
     reduction: "sum" or "mean" → one fp32 value per sequence ([S] / [B]; a sequence with no counted
     token gives 0); "none" → fp32 per token, shaped like targets (0 at ignored positions).
-    softcap c applies z ← c·tanh(z / c) after the temperature. `filter_eps` (triton, native) skips
-    backward tiles whose every |∂logit| is below it: faster, approximate; None (default) is exact.
+    softcap c applies z ← c·tanh(z / c) after the temperature. `filter_eps` (triton, native) drops the backward
+    contributions of probabilities below it (triton: whole tiles without a target; native: single entries, their
+    sum kept through the mean row): faster, approximate; None (default) is exact.
     Returns a tensor, or `LogProbs(logps, lse, entropy)` with `return_lse` / `return_entropy`.
     Differentiable w.r.t. hidden, weight and bias under any upstream gradient.
     """
     layout = check_linear_inputs(hidden, weight, targets, bias, cu_seqlens, ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
-    temperature, softcap, filter_eps = check_logit_options(temperature, softcap, filter_eps)
     name = backend_name(backend, hidden.device)
-    if filter_eps and name not in FILTERING_BACKENDS:  # never accept an approximation and silently not make it
-        raise ValueError(f"filter_eps is implemented by the {' and '.join(FILTERING_BACKENDS)} backends only; backend "
-                         f"{name!r} (from backend={backend!r}) computes the exact gradient: drop filter_eps or pass "
-                         "backend='triton' (CUDA) or 'native' (CPU)")
+    temperature, softcap, filter_eps = check_logit_options(temperature, softcap, filter_eps, name, backend)
     tokens = prepare_tokens(hidden, targets, layout, ignore_index)
     index, seq_ids, num_tokens = tokens.index, tokens.seq_ids, layout.seq_ids.numel()
 

@@ -37,8 +37,9 @@ def backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c=None, *,
     """Gradients (d hidden [M, D] | None, d weight [V, D] | None, d bias [V] | None) in the input dtypes.
 
     lse, coef_a, coef_b, coef_c: [M] fp32 (coef_c None when no entropy gradient).
-    `filter_eps`: skip the gradient GEMMs of (token block, 128-column vocab block) tiles whose every |d logit| is
-    below it (None or 0 = exact gradient).
+    `filter_eps`: drop the softmax part of d logit wherever the probability is below it, replacing the dropped
+    entries' sum by the mean row of the other operand; kept entries go through sparse updates, or the GEMMs when
+    a tile keeps more than 1/16 (None or 0 = exact gradient). The one-hot target terms are always exact.
     """
     return _ext().backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c, float(temperature),
                            _softcap_arg(softcap), bool(need_hidden), bool(need_weight), bool(need_bias),

@@ -18,7 +18,8 @@ hidden and weight with tensor-core dots (fp32 accumulation) and reduces it on th
   running programs share hidden/weight tiles in L2. It recomputes the tile's logits, forms dz and
   accumulates dz · W and dzᵀ · h chunk by chunk over D into fp32 gradients with atomic adds; the D
   chunks start at a per-program offset so programs sharing gradient rows rarely hit the same
-  addresses at once. Optionally, tiles whose |dz| are all below `filter_eps` are skipped.
+  addresses at once. Optionally, tiles whose probabilities are all below `filter_eps` (and that hold no counted
+  target) are skipped.
 """
 from __future__ import annotations
 
@@ -200,16 +201,19 @@ def _backward_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, coe
     coef = tl.load(coef_b_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
     if HAS_COEF_C:
         coef = coef + tl.load(coef_c_ptr + offs_m, mask=mask_m, other=0.0)[:, None] * z
-    dz = tl.exp(z - lse[:, None]) * coef
-    dz += tl.where(offs_v[None, :] == target[:, None], coef_a[:, None], 0.0)
+    p = tl.exp(z - lse[:, None])  # 0 in padded rows
+    if HAS_FILTER:  # skip the tile if every probability is below eps and it holds no counted target
+        p_max = tl.max(tl.max(tl.where(mask_v[None, :], p, 0.0), axis=1), axis=0)
+        v_start = pid_v * BLOCK_V
+        counted = mask_m & (target >= v_start) & (target < v_start + BLOCK_V) & (coef_a != 0.0)
+        keep = (p_max >= filter_eps) | (tl.sum(counted.to(tl.int32), axis=0) > 0)
+    else:
+        keep = True
+    dz = p * coef + tl.where(offs_v[None, :] == target[:, None], coef_a[:, None], 0.0)
     if HAS_SOFTCAP:
         dz *= 1.0 - (z / softcap) * (z / softcap)
     dz = tl.where(mask_m[:, None] & mask_v[None, :], dz * inv_temp, 0.0)
 
-    if HAS_FILTER:
-        keep = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) >= filter_eps
-    else:
-        keep = True
     if keep:
         if NEED_BIAS:
             tl.atomic_add(d_bias_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
@@ -343,8 +347,8 @@ def backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c=None, *,
     """Gradients (d hidden [M, D] | None, d weight [V, D] | None, d bias [V] | None) in the input dtypes.
 
     lse, coef_a, coef_b, coef_c: [M] fp32 (coef_c None when no entropy gradient).
-    `filter_eps`: skip (token block, vocab block) tiles whose every |d logit| < filter_eps
-    (None = exact gradient).
+    `filter_eps`: skip (token block, vocab block) tiles whose every probability is below filter_eps and that
+    hold no counted target (None = exact gradient).
     """
     num_tokens, dim = hidden.shape
     vocab = weight.shape[0]
