@@ -374,23 +374,35 @@ def run_case(case: Case, device: torch.device, names, *, warmup: int, repeats: i
     return results
 
 
+# fp32 logits per vocabulary tile of the CPU floor: the native backend's tile (csrc/linear_logprobs.cpp), which
+# keeps each GEMM's output in cache; whole-matrix GEMMs stream an [N, V] buffer through memory and are slower.
+FLOOR_TILE_ELEMS = 2 * 1024 * 1024
+
+
 def gemm_floor_ms(case: Case, device: torch.device, *, warmup: int, repeats: int) -> float:
     """Median time of the four GEMMs of N·D·V that an exact fused pass runs (the logits, their recompute in the
-    backward, d_hidden, d_weight) in the case's dtype, into preallocated outputs: the floor of any exact fused
-    method. A materialised reference keeps its logits and runs three."""
+    backward, d_hidden, d_weight) and nothing else, in the case's dtype into preallocated outputs: the floor of
+    any exact fused method. On CPU over cache-sized vocabulary tiles, on CUDA as whole matrices. A materialised
+    reference keeps its logits and runs three."""
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(case.tokens, case.hidden, generator=gen).to(device, case.torch_dtype)
     weight = torch.randn(case.vocab, case.hidden, generator=gen).to(device, case.torch_dtype)
-    logits = torch.empty(case.tokens, case.vocab, device=device, dtype=case.torch_dtype)
+    cols = case.vocab if device.type == "cuda" else max(1, min(case.vocab, FLOOR_TILE_ELEMS // case.tokens))
+    logits = torch.empty(case.tokens, cols, device=device, dtype=case.torch_dtype)
     d_hidden, d_weight = torch.empty_like(hidden), torch.empty_like(weight)
     times = []
     for i in range(warmup + repeats):
         _sync(device)
         start = time.perf_counter()
-        torch.mm(hidden, weight.t(), out=logits)
-        torch.mm(hidden, weight.t(), out=logits)
-        torch.mm(logits, weight, out=d_hidden)
-        torch.mm(logits.t(), hidden, out=d_weight)
+        for v0 in range(0, case.vocab, cols):
+            w, z = weight[v0:v0 + cols], logits[:, :min(cols, case.vocab - v0)]
+            torch.mm(hidden, w.t(), out=z)  # forward
+            torch.mm(hidden, w.t(), out=z)  # recompute in the backward
+            if v0 == 0:
+                torch.mm(z, w, out=d_hidden)
+            else:
+                d_hidden.addmm_(z, w)
+            torch.mm(z.t(), hidden, out=d_weight[v0:v0 + cols])
         _sync(device)
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)

@@ -10,7 +10,9 @@ dtype and one set of compile-time flags, exactly as the launchers in `epa_kernel
 them: the hot path (no bias, no softcap, D a multiple of the tile, exact gradient) and the path with every
 flag on (bias, softcap, entropy, gradient filter, ragged D), which needs the most registers. Reported per
 target: registers per thread, stack frame (bytes spilled to local memory per thread), dynamic shared memory
-per block and whether it fits the target's per-block limit. Takes about 5 s per compile on 2 CPU cores.
+per block and whether it fits the target's per-block limit. Cut Cross-Entropy's forward and backward kernels
+(when installed) are compiled the same way at their default configs, for comparison. Takes about 5 s per compile
+on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -54,6 +56,32 @@ class Variant:
         return kernels._gpu_config(self.num_tokens, self.dtype, kernels._BACKWARD_CONFIG,
                                kernels._BACKWARD_CONFIG_FEW_TOKENS)
 
+    def jit(self):
+        return _jit_function(kernels._forward_kernel if self.kernel == "forward" else kernels._backward_kernel)
+
+    def arguments(self) -> tuple[dict, dict]:
+        return _arguments(self)
+
+
+@dataclass(frozen=True)
+class PeerVariant:
+    """A peer's Triton kernel at its shipped default config, compiled exactly like ours for comparison."""
+
+    name: str
+    module: str
+    kernel: str  # attribute of `module`
+    types: dict  # runtime argument types; None: a None argument (constexpr)
+    constants: dict  # constexpr values, including integer arguments the JIT specialises (== 1)
+    config: kernels._Config
+
+    def jit(self):
+        import importlib
+
+        return _jit_function(getattr(importlib.import_module(self.module), self.kernel))
+
+    def arguments(self) -> tuple[dict, dict]:
+        return self.types, self.constants
+
 
 ALL_ON = {"bias": True, "softcap": True, "entropy": True, "filter": True, "even_d": False}
 
@@ -78,6 +106,40 @@ def shipped_variants() -> list[Variant]:
         Variant("backward fp32", "backward", torch.float32, many),
     ]
     return variants
+
+
+def cce_variants() -> list[PeerVariant]:
+    """Cut Cross-Entropy's forward (log-sum-exp) and backward kernels as `linear_cross_entropy(e, c, targets)`
+    launches them by default (bf16, mean reduction, filter_eps="high", no softcap, no ignored tokens, no vocabulary
+    sorting, contiguous inputs), at the configs it uses when not autotuning (`cut_cross_entropy/tl_autotune.py`).
+    Empty when cut-cross-entropy is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        return []
+    i32 = "i32"
+    forward = PeerVariant(
+        "CCE forward bf16 (peer)", "cut_cross_entropy.cce_lse_forward", "_cce_lse_forward_kernel",
+        types={"E": "*bf16", "C": "*bf16", "LSE": "*fp32", "LA": None, "Locks": "*u32", "Valids": None,
+               "softcap": None, "B": i32, "V": i32, "D": i32, "stride_eb": i32, "stride_cv": i32,
+               "num_locks": i32, "B_BIN": i32},
+        constants={"stride_ed": 1, "stride_cd": 1, "stride_lse_b": 1, "stride_vb": 1, "HAS_VALIDS": False,
+                   "BLOCK_B": 256, "BLOCK_V": 128, "BLOCK_D": 32, "GROUP_B": 8, "EVEN_D": True,
+                   "HAS_SOFTCAP": False, "HAS_LA": False, "DOT_PRECISION": "ieee"},
+        config=kernels._Config(block_m=256, block_v=128, block_d=32, num_warps=8, num_stages=3))
+    backward = PeerVariant(
+        "CCE backward bf16 (peer)", "cut_cross_entropy.cce_backward", "_cce_backward_kernel",
+        types={"E": "*bf16", "C": "*bf16", "LSE": "*fp32", "dOut": "*fp32", "grad_scale": "fp32", "Valids": None,
+               "VocabOrdering": None, "softcap": None, "Targets": "*i64", "dE": "*bf16", "dELocks": "*i32",
+               "dC": "*bf16", "dCLocks": "*i32", "B": i32, "D": i32, "V": i32, "n_de_locks_0": i32,
+               "n_de_locks_1": i32, "n_dc_locks_0": i32, "n_dc_locks_1": i32, "stride_eb": i32, "stride_cv": i32,
+               "filter_eps": "fp32", "B_BIN": i32},
+        constants={"stride_ed": 1, "stride_cd": 1, "stride_vb": 1, "BLOCK_B": 128, "BLOCK_V": 128, "BLOCK_D": 32,
+                   "MM_BACK_BLOCK_D": 64, "GROUP_B": 8, "EVEN_D": True, "MM_BACK_EVEN_D": True, "ITEM_DO": True,
+                   "HAS_VALIDS": False, "HAS_VOCAB_ORDERING": False, "FILTER_GRAD": True, "HAS_TARGETS": True,
+                   "HAS_SOFTCAP": False, "SHIFT": False, "REQUIRES_GRAD": True},
+        config=kernels._Config(block_m=128, block_v=128, block_d=32, num_warps=4, num_stages=4))
+    return [forward, backward]
 
 
 def _jit_function(kernel):
@@ -124,8 +186,8 @@ def compile_variant(variant: Variant, capability: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    jit = _jit_function(kernels._forward_kernel if variant.kernel == "forward" else kernels._backward_kernel)
-    types, constants = _arguments(variant)
+    jit = variant.jit()
+    types, constants = variant.arguments()
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(jit.arg_names):
         if name in constants or types.get(name) is None:
@@ -193,10 +255,11 @@ def main(argv=None) -> int:
     parser.add_argument("--exact", action="store_true", help="--variants are whole names, not substrings")
     parser.add_argument("--out", help="directory for results.json and results.md")
     args = parser.parse_args(argv)
-    variants = [v for v in shipped_variants() if not args.variants
+    candidates = shipped_variants() + cce_variants()
+    variants = [v for v in candidates if not args.variants
                 or any(s == v.name if args.exact else s in v.name for s in args.variants)]
     if not variants:
-        parser.error(f"no variant matches {args.variants}; names: {[v.name for v in shipped_variants()]}")
+        parser.error(f"no variant matches {args.variants}; names: {[v.name for v in candidates]}")
     rows = report(variants, args.targets)
     table = markdown(rows)
     print(table)

@@ -259,9 +259,9 @@ struct SparseTile {
   }
 };
 
-// Overwrites one row of raw logits with d loss / d raw logit for token t. With a filtering `sink`, the target's
-// one-hot term a·chain is stored in *target_coef instead of added to the row (it is applied apart, exactly), and
-// the sink receives the row's probabilities and gradients.
+// Overwrites one row of raw logits with d loss / d raw logit for token t. With `target_coef` (filtering), the
+// target's one-hot term a·chain is stored there instead of added to the row (it is applied apart, exactly); a
+// `sink` receives the row's probabilities and gradients.
 inline void backward_row(float* row, int64_t n, int64_t v0, int64_t y, const Transform& tf, float lse,
                          float a, float b, const float* c, float* target_coef, SparseTile::Row* sink) {
   constexpr int64_t W = Vec::size();
@@ -291,7 +291,7 @@ inline void backward_row(float* row, int64_t n, int64_t v0, int64_t y, const Tra
   }
   if (on_target) {
     const float term = a * tf.chain(tf.apply(raw_target, y - v0));
-    if (sink) {
+    if (target_coef) {
       *target_coef = term;
     } else {
       row[y - v0] += term;
@@ -451,27 +451,29 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
       at::mm_out(tile, h_blk, w32.t());
       float* base = tile.data_ptr<float>();
       if (filtering) sparse->start(nv);
+      // Once a tile keeps too many entries for sparse updates it goes to the GEMMs: stop collecting.
+      const int64_t max_kept = static_cast<int64_t>(kMaxSparseFraction * static_cast<double>(nt * nv));
       std::atomic<int64_t> kept{0};
       at::parallel_for(0, nt, 1, [&](int64_t r0, int64_t r1) {
-        int64_t local = 0;
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t t = t0 + r;
-          if (!filtering) {
-            backward_row(base + r * nv, nv, v0, y[t], tf, lse_p[t], a_p[t], b_p[t], c_p ? c_p + t : nullptr,
-                         nullptr, nullptr);
+          float* row = base + r * nv;
+          if (!filtering || kept.load(std::memory_order_relaxed) > max_kept) {
+            backward_row(row, nv, v0, y[t], tf, lse_p[t], a_p[t], b_p[t], c_p ? c_p + t : nullptr,
+                         filtering ? target_p + t : nullptr, nullptr);
             continue;
           }
           SparseTile::Row sink = sparse->row(r, eps);
-          backward_row(base + r * nv, nv, v0, y[t], tf, lse_p[t], a_p[t], b_p[t], c_p ? c_p + t : nullptr,
-                       target_p + t, &sink);
+          backward_row(row, nv, v0, y[t], tf, lse_p[t], a_p[t], b_p[t], c_p ? c_p + t : nullptr, target_p + t,
+                       &sink);
           sparse->dropped[r] = sink.dropped();
-          local += static_cast<int64_t>(sparse->rows[r].size());
+          kept += static_cast<int64_t>(sparse->rows[r].size());
         }
-        kept += local;
       });
-      const at::Tensor col_sums = filtering ? sparse->column_sums(nv) : need_bias ? tile.sum(0) : at::Tensor();
+      const bool sparse_tile = filtering && kept.load() <= max_kept;
+      const at::Tensor col_sums = sparse_tile ? sparse->column_sums(nv) : need_bias ? tile.sum(0) : at::Tensor();
       if (need_bias) db32.narrow(0, v0, nv).add_(col_sums);
-      if (filtering && kept.load() <= kMaxSparseFraction * static_cast<double>(nt * nv)) {
+      if (sparse_tile) {
         if (need_hidden) sparse->apply_hidden(nt, w32.data_ptr<float>(), D, dh32.data_ptr<float>() + t0 * D);
         if (need_weight) {
           col_dropped.add_(col_sums);

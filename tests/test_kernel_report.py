@@ -39,10 +39,19 @@ def test_hot_configs_compile_for_hopper_and_ada(tmp_path):
     assert "| forward bf16 |" in (tmp_path / "results.md").read_text()
 
 
+def test_cut_cross_entropy_kernels_compile_beside_ours(tmp_path):
+    """The peer's kernels at their default configs, compiled the same way, so the report compares like with like."""
+    pytest.importorskip("cut_cross_entropy")
+    rows = run_report(tmp_path, "--targets", "sm_90a", "--variants", "CCE")
+    assert [r["variant"] for r in rows] == ["CCE forward bf16 (peer)", "CCE backward bf16 (peer)"]
+    check(rows)
+    assert rows[0]["tile"].startswith("256×128×32, 8 warps")
+
+
 @pytest.mark.slow
 def test_every_shipped_config_compiles_and_fits_every_target(tmp_path):
-    from benchmarks.kernel_report import TARGETS, shipped_variants
+    from benchmarks.kernel_report import TARGETS, cce_variants, shipped_variants
 
     rows = run_report(tmp_path)
-    assert len(rows) == len(shipped_variants()) * len(TARGETS)
+    assert len(rows) == (len(shipped_variants()) + len(cce_variants())) * len(TARGETS)
     check(rows)
