@@ -137,6 +137,20 @@ def test_precomputed_cache_equals_live_reference_and_is_keyed(workdir, tmp_path)
         cache.lookup(torch.tensor([[999, 0, 999]]))
 
 
+def test_filter_eps_reaches_the_policy_loss(workdir, tmp_path, monkeypatch):
+    """--filter-eps is handed to the fused loss of the policy (not to the reference pass) and the run trains."""
+    seen = []
+    real = train_module.PreferenceModel.forward
+
+    def spy(self, batch):
+        seen.append(self.loss_options.get("filter_eps"))
+        return real(self, batch)
+
+    monkeypatch.setattr(train_module.PreferenceModel, "forward", spy)
+    assert main(cli(workdir, tmp_path / "filtered", "--max-steps", "1", "--filter-eps", "1e-5")) == 0
+    assert seen and all(eps == 1e-5 for eps in seen)
+
+
 def test_reference_modes_model_and_none(workdir, tmp_path):
     assert main(cli(workdir, tmp_path / "live", "--max-steps", "1", "--ref", "model")) == 0
     assert main(cli(workdir, tmp_path / "simpo", "--max-steps", "1", "--loss", "simpo")) == 0
@@ -152,6 +166,8 @@ def test_reference_modes_model_and_none(workdir, tmp_path):
     (("--max-prompt-length", "600", "--max-length", "500"), "max-prompt-length"),
     (("--beta", "nan"), "--beta"),
     (("--prefix-sharing", "on", "--attn", "flash_attention_2"), "needs attention that takes a mask"),
+    (("--filter-eps", "-1"), "--filter-eps must be a positive"),
+    (("--filter-eps", "1e-5", "--backend", "torch"), "not --backend torch"),
 ])
 def test_bad_options_are_rejected_before_loading(workdir, tmp_path, extra, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -217,7 +217,8 @@ def run(args) -> dict:
         ref_model = PreferenceModel(
             load_causal_lm(args.ref_model or args.model, args.gguf_file if not args.ref_model else None,
                            attn=args.attn, device=accelerator.device, online=args.online), **options)
-    wrapper = PreferenceModel(model, ref_model=ref_model if args.ref == "model" else None, **options)
+    filtering = {"filter_eps": args.filter_eps} if args.filter_eps else {}  # the policy's gradient only
+    wrapper = PreferenceModel(model, ref_model=ref_model if args.ref == "model" else None, **options, **filtering)
 
     computed = 0
     if args.ref == "precompute":
