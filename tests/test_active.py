@@ -80,7 +80,7 @@ def test_closed_form_matches_autograd():
     for xi in (1e-6, 1e-2, 1.0):
         r, _ = pooled_vap(pooled, weight, bias, d, xi=xi, eps=1.0, power_iters=1)
         expected = exact_direction(pooled, weight, bias, d / d.norm(dim=1, keepdim=True), xi)
-        assert cosine(r, expected).min() > 1 - 1e-9, xi
+        assert cosine(r, expected).abs().min() > 1 - 1e-9, xi  # up to the canonical sign
 
 
 def test_power_iteration_converges_to_top_fisher_eigenvector():
@@ -105,7 +105,7 @@ def test_small_xi_is_numerically_sound(dtype):
     r, _ = pooled_vap(pooled, weight, bias, d, xi=1e-6, power_iters=1)
     unit = d / d.norm(dim=1, keepdim=True)
     expected = exact_direction(pooled, weight, bias, unit, 1e-6)  # fp64, same (rounded) inputs
-    assert cosine(r, expected).min() > 0.99
+    assert cosine(r, expected).abs().min() > 0.99
     # the naive fp32 formula Wᵀ(softmax(z + ξWd̂) − softmax(z)) is rounding noise at ξ = 1e-6 (or 0/0: NaN)
     z = pooled.float() @ weight.float().t() + bias.float()
     naive = (torch.softmax(z + 1e-6 * unit @ weight.float().t(), -1) - torch.softmax(z, -1)) @ weight.float()
@@ -113,7 +113,7 @@ def test_small_xi_is_numerically_sound(dtype):
 
 
 def test_vap_embeddings_bert_matches_exact_head(bert, pool):
-    vectors = vap_embeddings(bert, pool, batch_size=16, seed=0, progress=False)
+    vectors = vap_embeddings(bert, pool, representation="direction", batch_size=16, seed=0, progress=False)
     assert vectors.shape == (40, 32) and torch.isfinite(vectors).all()
     assert torch.allclose(vectors.norm(dim=1), torch.ones(40), atol=1e-5)  # ε·d̂ with ε = 1
     parts = classifier_parts(bert)
@@ -123,16 +123,20 @@ def test_vap_embeddings_bert_matches_exact_head(bert, pool):
     unit = torch.cat([torch.randn(min(16, 40 - s), 32, generator=generator) for s in range(0, 40, 16)])
     expected = exact_direction(pooled, parts.head_weight, parts.head_bias, unit / unit.norm(dim=1, keepdim=True),
                                1e-6)
-    assert cosine(vectors, expected).min() > 0.99
-    again = vap_embeddings(bert, pool, batch_size=16, seed=0, progress=False)
+    assert cosine(vectors, expected).abs().min() > 0.99
+    again = vap_embeddings(bert, pool, representation="direction", batch_size=16, seed=0, progress=False)
     assert torch.equal(vectors, again)
-    scaled = vap_embeddings(bert, pool, batch_size=16, seed=0, scale_by_kl=True, progress=False)
+    scaled = vap_embeddings(bert, pool, representation="direction", batch_size=16, seed=0, scale_by_kl=True,
+                            progress=False)
     assert torch.allclose(cosine(scaled, vectors), torch.ones(40, dtype=torch.float64), atol=1e-5)
 
 
 def test_embeddings_point(bert, pool):
-    vectors = vap_embeddings(bert, pool, point="embeddings", batch_size=16, progress=False, scale_by_kl=True)
+    vectors = vap_embeddings(bert, pool, point="embeddings", representation="direction", batch_size=16,
+                             progress=False, scale_by_kl=True)
     assert vectors.shape == (40, 32) and torch.isfinite(vectors).all() and vectors.abs().sum() > 0
+    outer = vap_embeddings(bert, pool, point="embeddings", batch_size=16, progress=False, scale_by_kl=True)
+    assert outer.shape == (40, 3 * 32) and torch.isfinite(outer).all()
 
 
 def test_embeddings_point_direction_matches_fp64_autograd():
@@ -156,11 +160,51 @@ def test_embeddings_point_direction_matches_fp64_autograd():
     from epa_kernels.active.vap import embeddings_vap
 
     # embeddings_vap returns the token mean; compare the per-token direction through its power-iteration step
-    mean, _ = embeddings_vap(parts, pool, torch.Generator().manual_seed(0), xi=1e-6, eps=1.0, power_iters=1)
+    mean, *_ = embeddings_vap(parts, pool, torch.Generator().manual_seed(0), xi=1e-6, eps=1.0, power_iters=1)
     mask = pool["attention_mask"][..., None].double()
     expected_unit = expected / expected.flatten(1).norm(dim=1)[:, None, None]
     expected_mean = (expected_unit * mask).sum(1) / mask.sum(1)
-    assert cosine(mean, expected_mean).min() > 0.99
+    assert cosine(mean, expected_mean).abs().min() > 0.99  # up to the canonical sign
+
+
+def spread(vectors):
+    """(top 4 singular values of the row-normalised vectors, mean |cos| between distinct rows)."""
+    unit = torch.nn.functional.normalize(vectors.double(), dim=1)
+    cos = (unit @ unit.T).abs()
+    n = len(unit)
+    return torch.linalg.svdvals(unit)[:4], ((cos.sum() - cos.diagonal().sum()) / (n * (n - 1))).item()
+
+
+@pytest.mark.parametrize("point", ["pooled", "embeddings"])
+def test_default_vectors_differ_between_examples_with_two_labels(point):
+    """With two classes every pooled direction is ±(w₁ − w₀) (rank 1); the default vec(δ ⊗ h) is not collinear."""
+    model, pool = tiny_bert(num_labels=2, seed=6), tiny_pool(n=32, seed=6)
+    old = vap_embeddings(model, pool, point=point, representation="direction", scale_by_kl=True, progress=False)
+    new = vap_embeddings(model, pool, point=point, scale_by_kl=True, progress=False)
+    old_values, old_cos = spread(old)
+    new_values, new_cos = spread(new)
+    if point == "pooled":
+        assert old_values[1] < 1e-4 * old_values[0] and old_cos > 1 - 1e-6  # what the new default fixes
+    assert new_values[1] > 0.05 * new_values[0], new_values
+    assert new_cos < 0.95 and new_cos < old_cos, (new_cos, old_cos)
+
+
+@pytest.mark.parametrize("num_labels, iters", [(2, 1), (6, 60)])
+def test_sign_is_canonical_whatever_the_random_start(num_labels, iters):
+    """d̂ and −d̂ are equally adversarial: the result must not depend on the sign of the random start. With two
+    classes one step reaches the Fisher's top eigenvector; with six, enough steps do."""
+    model, pool = tiny_bert(num_labels=num_labels, seed=7), tiny_pool(n=12, seed=7)
+    runs = [vap_embeddings(model, pool, representation="direction", power_iters=iters, seed=seed, progress=False)
+            for seed in (0, 1, 2)]
+    for other in runs[1:]:
+        assert cosine(runs[0], other).min() > 1 - 1e-4
+    parts = classifier_parts(model)
+    with torch.no_grad():
+        logits = parts.logits(parts.encode(pool)).float()
+    shift = runs[0] @ parts.head_weight.detach().float().t()
+    drop = (torch.log_softmax(logits + shift, -1) - torch.log_softmax(logits, -1)).gather(
+        1, logits.argmax(1, keepdim=True))
+    assert (drop < 0).all()  # the kept sign lowers the predicted class's log-probability
 
 
 # ---------------------------------------------------------------------------------------------------- strategies
@@ -177,7 +221,8 @@ def test_strategy_contract(name, bert, pool):
 
 
 def test_vapal_options(bert, pool):
-    for options in ({"clustering": "kmeans"}, {"point": "embeddings", "power_iters": 2}, {"scale_by_kl": False}):
+    for options in ({"clustering": "kmeans"}, {"point": "embeddings", "power_iters": 2}, {"scale_by_kl": False},
+                    {"representation": "direction"}):
         picked = VAPAL(progress=False, **options).select(bert, pool, 6, batch_size=16)
         assert len(set(picked)) == 6
 
@@ -190,6 +235,7 @@ def test_dataset_pool(bert):
     from_dataset = vap_embeddings(bert, dataset, batch_size=5, progress=False)
     from_dict = vap_embeddings(bert, {k: pool[k] for k in ("input_ids", "attention_mask")}, batch_size=5,
                                progress=False)
+    assert from_dataset.shape == (12, 3 * 32)
     assert torch.allclose(from_dataset, from_dict, atol=1e-5)
     assert len(make_strategy("badge", progress=False).select(bert, dataset, 4)) == 4
 

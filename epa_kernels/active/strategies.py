@@ -235,9 +235,12 @@ class BertKM(Strategy):
 class VAPAL(Strategy):
     """VAPAL: cluster the virtual adversarial perturbations of the unlabeled examples (DESIGN §7).
 
-    Each example becomes ε·d̂ (see `vap_embeddings`): the direction at `point` in which its prediction changes
-    fastest. `clustering="kmeans++"` (default) picks by k-means++ seeding (BADGE style), `"kmeans"` by k-means
-    with nearest-to-centroid picks (ALPS style). Memory O(n·H).
+    Each example's VAP ε·d̂ (see `vap_embeddings`) is the direction at `point` in which its prediction changes
+    fastest. representation="outer" (default) clusters vec(δ ⊗ h): the logit shift δ [C] that perturbation
+    causes times the example's pooled representation h [H], so examples differ even with two classes, where
+    every d̂ is ±(w₁ − w₀); "direction" clusters ε·d̂ itself (the earlier default). Memory O(n·C·H) / O(n·H).
+    `clustering="kmeans++"` (default) picks by k-means++ seeding (BADGE style), `"kmeans"` by k-means with
+    nearest-to-centroid picks (ALPS style).
 
     scale_by_kl (default True): multiply each direction by the KL its perturbation causes. A unit direction
     alone says where the prediction is least smooth but not how unsmooth: every example would have norm ε and
@@ -249,19 +252,20 @@ class VAPAL(Strategy):
 
     name = "vapal"
 
-    def __init__(self, point: str = "pooled", xi: float = 1e-6, eps: float = 1.0, power_iters: int = 1,
-                 scale_by_kl: bool = True, clustering: str = "kmeans++", progress: bool = True):
+    def __init__(self, point: str = "pooled", representation: str = "outer", xi: float = 1e-6, eps: float = 1.0,
+                 power_iters: int = 1, scale_by_kl: bool = True, clustering: str = "kmeans++", progress: bool = True):
         super().__init__(progress=progress)
-        check_vap_options(point, xi, eps, power_iters)
+        check_vap_options(point, xi, eps, power_iters, representation)
         check_choice("clustering", clustering, CLUSTERINGS)
-        self.point, self.xi, self.eps, self.power_iters = point, xi, eps, power_iters
+        self.point, self.representation = point, representation
+        self.xi, self.eps, self.power_iters = xi, eps, power_iters
         self.scale_by_kl, self.clustering = bool(scale_by_kl), clustering
 
     def _select(self, model, pool, unlabeled, k, *, batch_size, seed):
         vectors = vap_embeddings(
-            model, pool, point=self.point, xi=self.xi, eps=self.eps, power_iters=self.power_iters,
-            scale_by_kl=self.scale_by_kl, batch_size=batch_size, seed=seed, progress=self.progress,
-            indices=unlabeled,
+            model, pool, point=self.point, representation=self.representation, xi=self.xi, eps=self.eps,
+            power_iters=self.power_iters, scale_by_kl=self.scale_by_kl, batch_size=batch_size, seed=seed,
+            progress=self.progress, indices=unlabeled,
         )
         return cluster_select(vectors, k, self.clustering, seed)
 

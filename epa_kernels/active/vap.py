@@ -25,8 +25,19 @@ supports it), the closed-form head gradient above at δ = ξ·W·u, then Jᵀ by
 the perturbation averaged over the real tokens, [E], so the vector stays small (a [T·E] flattening would not be
 comparable across lengths). Memory: O(pool × dim) for the result, never O(pool × C × dim).
 
-The vector returned per example is ε·d̂, multiplied by KL(p ‖ p(x + ε·d̂)) (the divergence the adversarial
-perturbation causes) when `scale_by_kl`.
+Sign. d̂ and −d̂ are equally adversarial to second order, so power iteration returns either, by the sign of the
+random start. The canonical sign is the one under which the predicted class's log-probability drops more, so
+identical examples get identical vectors whatever the seed.
+
+Representation. With two classes the head's Fisher matrix Wᵀ(diag p − ppᵀ)W has rank 1: every pooled direction is
+±(w₁ − w₀), and clustering such vectors sees one magnitude, no diversity. The default representation is therefore
+the logit shift the perturbation causes, δ = z(x + ε·d̂) − z(x) [C], times the example's own pooled representation
+h [H], flattened: vec(δ ⊗ h) [C·H], the way BADGE combines its loss gradient with the embedding. It keeps the VAP
+(direction and strength of the adversarial change of the prediction) and adds the example's position, so examples
+differ for any class count. `representation="direction"` returns ε·d̂ itself (the earlier default).
+
+The vector returned per example is multiplied by KL(p ‖ p(x + ε·d̂)) (the divergence the adversarial perturbation
+causes) when `scale_by_kl`.
 """
 from __future__ import annotations
 
@@ -46,6 +57,7 @@ from epa_kernels.active.model import (
 )
 
 POINTS = ("pooled", "embeddings")
+REPRESENTATIONS = ("outer", "direction")
 # Below this |c| the series of expm1(c) − c replaces the subtraction (relative error of the 3-term series < 2e-8).
 _SERIES_BELOW = 1e-2
 
@@ -162,6 +174,20 @@ def _normalize(d: torch.Tensor, previous: torch.Tensor | None = None) -> torch.T
     return unit
 
 
+def _drop_of_predicted(logits: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
+    """log p_ŷ(shifted) − log p_ŷ(logits) per row [b], ŷ the predicted class at `logits`."""
+    predicted = logits.argmax(-1, keepdim=True)
+    before = torch.log_softmax(logits.float(), -1).gather(-1, predicted)
+    after = torch.log_softmax(shifted.float(), -1).gather(-1, predicted)
+    return (after - before).squeeze(-1)
+
+
+def canonical_sign(logits: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor) -> torch.Tensor:
+    """+1 or −1 per row [b]: the sign of the perturbation (logits `plus` at x + r, `minus` at x − r) under which the
+    predicted class's log-probability drops more (+1 on a tie)."""
+    return torch.where(_drop_of_predicted(logits, minus) < _drop_of_predicted(logits, plus), -1.0, 1.0)
+
+
 @autocast_off
 def pooled_vap(
     pooled: torch.Tensor,
@@ -175,7 +201,8 @@ def pooled_vap(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """VAP at pooled representations [b, H] under a linear head: (r_vadv = ε·d̂ [b, H], KL(p ‖ p(h + r_vadv)) [b]).
 
-    `d` [b, H] is the initial direction. fp32 (fp64 if `pooled` is fp64); no autograd.
+    `d` [b, H] is the initial direction; the result has the canonical sign. fp32 (fp64 if `pooled` is fp64); no
+    autograd.
     """
     dtype = torch.float64 if pooled.dtype == torch.float64 else torch.float32
     weight = head_weight.detach().to(dtype)
@@ -187,8 +214,15 @@ def pooled_vap(
         diff, _ = softmax_shift(logits, xi * (unit @ weight.t()))
         gradient = xi * (diff @ weight)  # ∇_d KL(p ‖ softmax(z + ξ·W·d̂))
         unit = _normalize(gradient, unit)
+    shift = eps * (unit @ weight.t())
+    unit = unit * canonical_sign(logits, logits + shift, logits - shift).to(dtype)[:, None]
     _, kl = softmax_shift(logits, eps * (unit @ weight.t()))
     return eps * unit, kl
+
+
+def outer_representation(logit_shift: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """vec(δ ⊗ h): [b, C] × [b, H] → [b, C·H] (fp32)."""
+    return (logit_shift.float()[:, :, None] * pooled.float()[:, None, :]).flatten(1)
 
 
 # ---------------------------------------------------------------------------------------------------- embeddings
@@ -219,7 +253,8 @@ def _head_round_trip(tangent, logits, weight, xi):
 
 
 def embeddings_vap(parts: ClassifierParts, batch: dict, generator: torch.Generator, *, xi, eps, power_iters):
-    """VAP at the token embeddings of one batch: (perturbation averaged over real tokens [b, E], KL [b]).
+    """VAP at the token embeddings of one batch: (perturbation averaged over real tokens [b, E], KL [b], logit shift
+    δ [b, C], pooled representation [b, H]), with the canonical sign.
 
     The initial direction d ~ N(0, I) [b, T, E] (zero at padding) is drawn from the CPU `generator`.
     """
@@ -240,18 +275,23 @@ def embeddings_vap(parts: ClassifierParts, batch: dict, generator: torch.Generat
             _, cotangent = _head_round_trip(tangent, logits, weight, xi)
             (gradient,) = torch.autograd.grad(pooled, leaf, cotangent.to(pooled.dtype), retain_graph=True)
             unit = _normalize(gradient.float() * mask, unit)
-    del pooled, leaf
+    del leaf
     perturbation = eps * unit
     with torch.no_grad():
-        adversarial = parts.logits(parts.encode_from_embeddings(embeddings + perturbation.to(embeddings.dtype), batch))
+        plus, minus = (parts.logits(parts.encode_from_embeddings(embeddings + s * perturbation.to(embeddings.dtype),
+                                                                 batch)) for s in (1, -1))
+    sign = canonical_sign(logits, plus, minus)
+    adversarial = torch.where(sign[:, None] > 0, plus, minus)
+    perturbation = perturbation * sign[:, None, None]
     kl = kl_divergence(logits, adversarial)
     mean = (perturbation * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return mean, kl
+    return mean, kl, (adversarial.float() - logits.float()), pooled.detach()
 
 
 # ---------------------------------------------------------------------------------------------------- public
-def check_vap_options(point, xi, eps, power_iters):
+def check_vap_options(point, xi, eps, power_iters, representation="outer"):
     check_choice("point", point, POINTS)
+    check_choice("representation", representation, REPRESENTATIONS)
     check_positive_finite("xi", xi)
     check_positive_finite("eps", eps)
     check_positive_int("power_iters", power_iters)
@@ -262,6 +302,7 @@ def vap_embeddings(
     pool,
     *,
     point: str = "pooled",
+    representation: str = "outer",
     xi: float = 1e-6,
     eps: float = 1.0,
     power_iters: int = 1,
@@ -272,19 +313,22 @@ def vap_embeddings(
     progress: bool = True,
     indices: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """One VAP vector per pool example: fp32 CPU tensor [n, H] (`point="pooled"`) or [n, E] (`"embeddings"`).
+    """One VAP vector per pool example: fp32 CPU tensor [n, C·H] (`representation="outer"`: vec(δ ⊗ h), the logit
+    shift the perturbation causes times the pooled representation), or the perturbation itself
+    (`representation="direction"`): [n, H] at `point="pooled"`, [n, E] at `"embeddings"`.
 
     model: a classifier `classifier_parts` understands (run in eval mode; its training flag is restored).
     pool: dict of tensors (`input_ids`, `attention_mask`, optional `token_type_ids`) or a tokenized
     datasets.Dataset with those columns (ragged rows are padded per batch). `indices`: only these pool rows,
     in this order (default: all).
     point: "pooled" (closed form at the head's input, no autograd) or "embeddings" (token embeddings, through
-    the encoder; the per-token perturbation is averaged over the real tokens so the vector is [E]).
-    Each vector is ε·d̂ after `power_iters` steps from d ~ N(0, I) with finite-difference scale ξ, times the KL it
-    causes when `scale_by_kl`. Deterministic for a given seed, batch_size and indices (d is drawn per batch
-    from one CPU generator). Runs on `device` (default: the model's).
+    the encoder; as a direction, the per-token perturbation is averaged over the real tokens, [E]).
+    The perturbation is ε·d̂ after `power_iters` steps from d ~ N(0, I) with finite-difference scale ξ, with the
+    canonical sign; each vector is multiplied by the KL it causes when `scale_by_kl`. Deterministic for a given
+    seed, batch_size and indices (d is drawn per batch from one CPU generator). Runs on `device` (default: the
+    model's).
     """
-    check_vap_options(point, xi, eps, power_iters)
+    check_vap_options(point, xi, eps, power_iters, representation)
     check_positive_int("batch_size", batch_size)
     parts = classifier_parts(model)
     n = pool_size(pool)
@@ -302,8 +346,12 @@ def vap_embeddings(
                 vectors, kl = pooled_vap(
                     pooled, parts.head_weight, parts.head_bias, d, xi=xi, eps=eps, power_iters=power_iters
                 )
+                shift = vectors @ parts.head_weight.detach().to(vectors.dtype).t()  # linear head: δ = W·r
             else:
-                vectors, kl = embeddings_vap(parts, batch, generator, xi=xi, eps=eps, power_iters=power_iters)
+                vectors, kl, shift, pooled = embeddings_vap(parts, batch, generator, xi=xi, eps=eps,
+                                                            power_iters=power_iters)
+            if representation == "outer":
+                vectors = outer_representation(shift, pooled)
             if scale_by_kl:
                 vectors = vectors * kl[:, None]
             if out is None:
