@@ -15,6 +15,7 @@ from epa_kernels.active import (  # noqa: E402
     ClassifierParts,
     badge_embeddings,
     classifier_parts,
+    find_head,
     kmeans_pp_select,
     last_token_index,
     lm_vap_embeddings,
@@ -240,6 +241,23 @@ def test_dataset_pool(bert):
     assert len(make_strategy("badge", progress=False).select(bert, dataset, 4)) == 4
 
 
+def test_pool_batches_padded_once():
+    """Padded tensors and their ragged rows give the same batches, each trimmed to its longest example; left
+    padding is kept (cutting it would shift positions)."""
+    from epa_kernels.active.pool import pool_batches
+
+    pool = tiny_pool(n=12)
+    ragged = {k: [row[: int(m.sum())].tolist() for row, m in zip(v, pool["attention_mask"], strict=True)]
+              for k, v in pool.items()}
+    rows = np.array([3, 0, 7, 5, 11])
+    batches = zip(pool_batches(pool, rows, 2, "cpu"), pool_batches(ragged, rows, 2, "cpu"), strict=True)
+    for start, (padded, lists) in zip(range(0, len(rows), 2), batches, strict=True):
+        assert padded["input_ids"].shape[1] == int(pool["attention_mask"][rows[start : start + 2]].sum(1).max())
+        assert padded.keys() == lists.keys() and all(torch.equal(padded[k], lists[k]) for k in padded)
+    left = {k: v.flip(1) for k, v in pool.items()}
+    assert next(pool_batches(left, rows, 5, "cpu"))["input_ids"].shape[1] == pool["input_ids"].shape[1]
+
+
 def test_badge_matches_direct_implementation(bert, pool):
     labeled = [1, 2, 3]
     picked = BADGE(progress=False).select(bert, pool, 8, labeled=labeled, batch_size=7, seed=5)
@@ -277,7 +295,7 @@ def test_recognised_heads():
     pool = tiny_pool(n=5)
     for model, head in ((distil, distil.classifier), (roberta, roberta.classifier.out_proj)):
         parts = classifier_parts(model)
-        assert parts.head_weight is head.weight
+        assert find_head(model) is head and parts.head_weight is head.weight
         with torch.no_grad():
             logits = parts.logits(parts.encode(pool))
             expected = model(**{k: v for k, v in pool.items() if k != "token_type_ids" or model is roberta}).logits

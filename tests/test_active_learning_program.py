@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # training/ is not installed with the wheel; it runs from the repo root
     sys.path.insert(0, str(REPO))
 
-al = importlib.import_module("training.active_learning")
+al = importlib.import_module("training.active_learning")  # names are patched where looked up: al.loop, al.model
 
 CLASSES = {"sport": ["ball", "goal", "team", "match"], "food": ["bread", "soup", "cake", "rice"],
            "tech": ["chip", "code", "disk", "wifi"]}
@@ -149,7 +149,7 @@ def test_resume_continues_without_recomputing(tiny_model, tiny_csv, tmp_path, st
         trained.append(args[6])  # the round
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(al, "train_model", counting_train)
+    monkeypatch.setattr(al.loop, "train_model", counting_train)
     names = strategies[:2]
     assert al.main(_argv(tiny_model, tiny_csv, out, names, rounds=1)) == 0
     first = json.loads((out / "curves.json").read_text())
@@ -410,7 +410,7 @@ def test_resume_fingerprint_holds_content_and_absolute_paths(tiny_model, tmp_pat
     assert al.main(_argv(tiny_model, "train.csv", out, ["random"], rounds=0)) == 0
     monkeypatch.chdir(tmp_path)  # the same file from another working directory: resumed, nothing retrained
     trained = []
-    monkeypatch.setattr(al, "train_model", lambda *a, **k: trained.append(a) or pytest.fail("retrained"))
+    monkeypatch.setattr(al.loop, "train_model", lambda *a, **k: trained.append(a) or pytest.fail("retrained"))
     assert al.main(_argv(tiny_model, work / "train.csv", out, ["random"], rounds=0)) == 0
     assert trained == []
     capsys.readouterr()
@@ -426,7 +426,7 @@ def test_resume_fingerprint_holds_content_and_absolute_paths(tiny_model, tmp_pat
 
 def test_macro_f1_over_the_test_classes(monkeypatch):
     """A predicted class absent from the test split does not enter the macro average."""
-    monkeypatch.setattr(al, "predict", lambda *a, **k: np.array([0, 0, 1, 2]))
+    monkeypatch.setattr(al.model, "predict", lambda *a, **k: np.array([0, 0, 1, 2]))
     acc, f1 = al.evaluate(None, None, np.array([0, 0, 1, 1]), None, "cpu")
     assert acc == 0.75 and f1 == pytest.approx((1.0 + 2 / 3) / 2)
     state = {"config": al.fingerprint(al.resolve_args(["--demo"])), "curves": {}}
@@ -451,7 +451,8 @@ def test_bad_strategy_options_fail_before_the_data(names, option, message, tiny_
                                                    strategies, capsys, monkeypatch):
     if not set(names) <= set(strategies):
         pytest.skip(f"the library lacks {names}")
-    monkeypatch.setattr(al, "prepare_data", lambda args: pytest.fail("data loaded before the options were checked"))
+    monkeypatch.setattr(al.loop, "prepare_data",
+                        lambda args: pytest.fail("data loaded before the options were checked"))
     out = tmp_path / "out"
     assert al.main(_argv(tiny_model, tiny_csv, out, names, strategy_option=option)) == 2
     err = capsys.readouterr().err

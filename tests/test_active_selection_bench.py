@@ -39,8 +39,8 @@ def test_records_time_split_and_memory_per_strategy(tiny_bert, tmp_path):
     assert {"device", "torch", "commit", "date"} <= set(record["environment"])
     rows = {row["strategy"]: row for row in record["results"]}
     assert set(rows) == {"vapal", "badge"}
-    # VAPAL clusters [n, H] vectors, BADGE [n, C·H] gradient embeddings: the memory argument of DESIGN §7.
-    assert rows["vapal"]["vectors_shape"] == [300, 32]
+    # VAPAL's default (outer) vectors vec(δ ⊗ h) and BADGE's gradient embeddings are both [n, C·H].
+    assert rows["vapal"]["vectors_shape"] == [300, 4 * 32]
     assert rows["badge"]["vectors_shape"] == [300, 4 * 32]
     for row in rows.values():
         assert row["pool_size"] == 300 and row["k"] == 25

@@ -5,6 +5,7 @@
 
 - `model`: how a classifier exposes its pooled representation and linear head (`classifier_parts`,
   `ClassifierParts`; custom models define `active_learning_parts()`).
+- `pool`: pools of tokenized examples read in batches, each padded to its longest example.
 - `vap`: per-example virtual adversarial perturbation vectors (`vap_embeddings`), numerically sound at ξ = 1e-6.
 - `strategies`: `VAPAL`, `Random`, `Entropy`, `BADGE`, `BertKM` behind `Strategy.select`.
 - `lm`: VAP through an LM head with the fused kernel, to choose prompts for preference annotation
@@ -13,7 +14,7 @@
 Needs scikit-learn and tqdm (and transformers for the recognised models), imported lazily where possible.
 """
 from epa_kernels.active.lm import last_token_index, lm_vap_embeddings, prompt_hidden_states, select_prompts
-from epa_kernels.active.model import ClassifierParts, classifier_parts
+from epa_kernels.active.model import ClassifierParts, classifier_parts, find_head
 from epa_kernels.active.strategies import (
     BADGE,
     STRATEGIES,
@@ -31,7 +32,7 @@ from epa_kernels.active.vap import kl_divergence, pooled_vap, softmax_shift, vap
 
 __all__ = [
     "BADGE", "STRATEGIES", "VAPAL", "BertKM", "ClassifierParts", "Entropy", "Random", "Strategy",
-    "badge_embeddings", "classifier_parts", "kl_divergence", "kmeans_nearest_select", "kmeans_pp_select",
-    "last_token_index", "lm_vap_embeddings", "make_strategy", "pooled_vap", "prompt_hidden_states",
-    "select_prompts", "softmax_shift", "vap_embeddings",
+    "badge_embeddings", "classifier_parts", "find_head", "kl_divergence", "kmeans_nearest_select",
+    "kmeans_pp_select", "last_token_index", "lm_vap_embeddings", "make_strategy", "pooled_vap",
+    "prompt_hidden_states", "select_prompts", "softmax_shift", "vap_embeddings",
 ]

@@ -32,8 +32,9 @@ import torch
 
 from epa_kernels._validation import check_choice, check_positive_int
 from epa_kernels.active.model import autocast_off, eval_mode, model_device
+from epa_kernels.active.pool import progress_bar
 from epa_kernels.active.strategies import CLUSTERINGS, check_k, cluster_select
-from epa_kernels.active.vap import _normalize, check_vap_options, progress_bar
+from epa_kernels.active.vap import _normalize, check_vap_options
 
 # Largest logit change (in nats) of the central-difference step; error O(LOGIT_STEP²), SNR ∝ LOGIT_STEP / 1e-7.
 LOGIT_STEP = 0.05

@@ -102,7 +102,11 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu") if parameter is None else parameter.device
 
 
-def _find_head(model: nn.Module) -> nn.Linear | None:
+def find_head(model: nn.Module) -> nn.Linear | None:
+    """The linear head of a recognised transformers classifier (`classifier.out_proj`, else `classifier`), or None.
+
+    Whatever feeds it (RoBERTa's `classifier.dense`, DistilBERT's `pre_classifier`) is part of `encode`.
+    """
     classifier = getattr(model, "classifier", None)
     out_proj = getattr(classifier, "out_proj", None)
     if isinstance(out_proj, nn.Linear):
@@ -158,7 +162,7 @@ def classifier_parts(model: nn.Module) -> ClassifierParts:
                 f"got {type(parts).__name__}"
             )
         return parts
-    head = _find_head(model)
+    head = find_head(model)
     if head is None:
         raise ValueError(
             f"model has no reachable head: {type(model).__name__} has no active_learning_parts() method, no "

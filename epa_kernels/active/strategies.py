@@ -15,13 +15,8 @@ import torch
 
 from epa_kernels._validation import check_choice, check_positive_int
 from epa_kernels.active.model import autocast_off, classifier_parts, eval_mode, model_device
-from epa_kernels.active.vap import (
-    check_vap_options,
-    pool_batches,
-    pool_size,
-    progress_bar,
-    vap_embeddings,
-)
+from epa_kernels.active.pool import pool_batches, pool_size, progress_bar
+from epa_kernels.active.vap import check_vap_options, vap_embeddings
 
 CLUSTERINGS = ("kmeans++", "kmeans")
 
