@@ -20,7 +20,7 @@ from training.active_learning.model import (
     train_model,
 )
 from training.active_learning.report import write_reports
-from training.active_learning.state import fingerprint, load_state, write_json
+from training.active_learning.state import environment, fingerprint, load_state, write_json
 from training.active_learning.strategies import build_strategies, select
 
 
@@ -48,6 +48,7 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     curves_path = out / "curves.json"
     state = load_state(curves_path, args, data.label_names)
+    state["environment"] = environment(device)
     t0 = time.perf_counter()
     pool = tokenize(tokenizer, data.pool_texts, args.max_length)
     test = tokenize(tokenizer, data.test_texts, args.max_length)

@@ -1,9 +1,15 @@
-"""The reports of what is recorded: curves.png (mean ± std over seeds) and summary.md."""
+"""The reports of what is recorded: curves.png (mean ± std over seeds) and summary.md, whose verdicts come from
+the area under each learning curve paired by seed (`paired.py`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+from training.active_learning.paired import markdown as paired_markdown
+from training.active_learning.paired import paired_differences
+
+BASELINE = "random"
 
 
 def aggregate(state: dict, metric: str) -> dict[str, dict[int, tuple[float, float, int]]]:
@@ -54,8 +60,22 @@ def summary_markdown(state: dict) -> str:
              f"query {cfg['query_size']}, epochs {cfg['epochs']}, lr {cfg['lr']}, batch {cfg['batch_size']}, "
              f"max length {cfg['max_length']}, pool limit {cfg['pool_limit']}, test limit {cfg['test_limit']}.",
              "Mean ± sample std over seeds (n = seeds recorded); **bold**: best mean at that label count. "
-             "Macro-F1: the unweighted mean of the per-class F1 over the classes present in the test split.", ""]
+             "Macro-F1: the unweighted mean of the per-class F1 over the classes present in the test split."]
+    env = state.get("environment")
+    if env:
+        lines.append(f"Run on {env['device']}; torch {env['torch']}, transformers {env['transformers']}; "
+                     f"commit {env['commit']}; {env['date']}.")
+    lines.append("")
     names = [s for s, runs in state["curves"].items() if any(runs.values())]  # those with something recorded
+    if BASELINE in names and len(names) > 1:
+        lines += [f"## Paired by seed: area under the learning curve against {BASELINE}", "",
+                  "Each seed's strategies start from the same labeled set, so each strategy's AUC (the curve's "
+                  f"mean height over the label counts both runs reached) minus {BASELINE}'s is taken seed by "
+                  "seed; the interval is Student's t over seeds. A verdict needs the interval to exclude 0.", ""]
+        for metric, title in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
+            curves = {s: state["curves"][s] for s in names}
+            lines += [f"**{title}**", "", paired_markdown(paired_differences(curves, metric, BASELINE), title,
+                                                          BASELINE), ""]
     for metric, title in (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1")):
         agg = aggregate(state, metric)
         counts = sorted({n for pts in agg.values() for n in pts})

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import subprocess
+import time
 from pathlib import Path
 
 from training.active_learning.cli import ALError
@@ -54,6 +57,24 @@ def load_state(path: Path, args, label_names) -> dict:
                       "use another --out or --no-resume to discard them")
     state["label_names"] = label_names
     return state
+
+
+def environment(device) -> dict:
+    """Device, versions, date and commit of this run (the latest, when resumed): what a recorded curve needs."""
+    import torch
+    import transformers
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit}
 
 
 def write_json(path: Path, obj) -> None:

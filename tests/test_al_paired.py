@@ -1,0 +1,57 @@
+"""Learning curves judged by paired statistics: AUC per seed, differences from random paired by seed."""
+import math
+
+import pytest
+from scipy import stats
+
+from training.active_learning.paired import curve_auc, markdown, paired_differences
+from training.active_learning.report import summary_markdown
+
+
+def curve(values, start=30, step=30):
+    return [{"labels": start + i * step, "accuracy": v, "macro_f1": v / 2, "seconds": 1.0}
+            for i, v in enumerate(values)]
+
+
+def test_auc_is_the_curves_mean_height():
+    assert curve_auc(curve([0.2, 0.4, 0.6]), "accuracy") == pytest.approx(0.4)  # trapezoid over 30..90
+    assert curve_auc(curve([0.2, 0.4, 1.0]), "accuracy") == pytest.approx((0.3 * 30 + 0.7 * 30) / 60)
+    assert curve_auc(curve([0.7]), "accuracy") == 0.7
+
+
+def test_a_constant_gain_is_shown_and_noise_is_not():
+    base = {"0": curve([0.3, 0.5]), "1": curve([0.5, 0.6]), "2": curve([0.4, 0.4])}
+    better = {seed: [{**p, "accuracy": p["accuracy"] + 0.05} for p in points] for seed, points in base.items()}
+    noisy = {"0": curve([0.4, 0.6]), "1": curve([0.4, 0.5]), "2": curve([0.4, 0.45])}
+    rows = {r.strategy: r for r in paired_differences({"random": base, "better": better, "noisy": noisy})}
+    assert rows["random"].difference == 0 and rows["better"].difference == pytest.approx(0.05)
+    assert rows["better"].low == pytest.approx(0.05) and rows["better"].high == pytest.approx(0.05)
+    diffs = [curve_auc(noisy[s], "accuracy") - curve_auc(base[s], "accuracy") for s in "012"]
+    low, high = stats.t.interval(0.95, 2, loc=sum(diffs) / 3, scale=stats.sem(diffs))
+    assert (rows["noisy"].low, rows["noisy"].high) == (pytest.approx(low), pytest.approx(high))
+    lines = {line.split("|")[1].strip(): line for line in markdown(list(rows.values()), "accuracy", "random")
+             .splitlines()[2:]}
+    assert lines["better"].endswith("| better |") and lines["noisy"].endswith("| no difference shown |")
+
+
+def test_runs_are_paired_on_the_rounds_both_reached():
+    base = {"0": curve([0.3, 0.5, 0.7])}
+    unfinished = {"0": curve([0.3, 0.6])}  # stopped after two rounds
+    rows = paired_differences({"random": base, "x": unfinished})
+    assert rows[1].seeds == 1 and rows[1].difference == pytest.approx(0.05)  # (0.45 − 0.40) over 30..60
+    assert rows[1].low is None and "one seed" in markdown(rows, "accuracy", "random")
+    with pytest.raises(ValueError, match="baseline 'random' has no runs"):
+        paired_differences({"x": unfinished})
+
+
+def test_summary_reports_the_paired_table_and_the_environment():
+    state = {"config": {"data": "d", "model": "m", "initial_size": 30, "query_size": 30, "epochs": 1, "lr": 1e-4,
+                        "batch_size": 8, "max_length": 16, "pool_limit": None, "test_limit": None},
+             "environment": {"device": "cpu (2 threads)", "torch": "2.13", "transformers": "5.24", "python": "3.11",
+                             "date": "today", "commit": "abc1234"},
+             "curves": {"random": {"0": curve([0.3, 0.5]), "1": curve([0.4, 0.5])},
+                        "vapal": {"0": curve([0.3, 0.6]), "1": curve([0.4, 0.7])}}}
+    text = summary_markdown(state)
+    assert "commit abc1234" in text and "## Paired by seed" in text
+    vapal = next(line for line in text.splitlines() if line.startswith("| vapal | 2 |"))
+    assert "+0.0750" in vapal and math.isfinite(float(vapal.split("|")[3]))

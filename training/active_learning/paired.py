@@ -1,0 +1,84 @@
+"""Learning curves judged by paired statistics (DESIGN §7).
+
+Every strategy of one seed starts from the same initial labeled set, so runs are paired by seed: a strategy's
+area under the learning curve minus the baseline's, seed by seed, removes the seed's own luck (its initial set,
+its fine-tuning draws) that overlapping per-strategy standard deviations would leave in. The interval is
+Student's t over seeds: mean ± t₍₁₊c₎/₂,ₙ₋₁ · s / √n.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def curve_auc(points: list[dict], metric: str) -> float:
+    """Area under `metric` against the label count (trapezoid), divided by the label range: the curve's mean
+    height. One point: its value."""
+    points = sorted(points, key=lambda p: p["labels"])
+    if len(points) == 1:
+        return float(points[0][metric])
+    pairs = zip(points[:-1], points[1:], strict=True)
+    area = sum((b["labels"] - a["labels"]) * (a[metric] + b[metric]) / 2 for a, b in pairs)
+    return area / (points[-1]["labels"] - points[0]["labels"])
+
+
+@dataclass
+class PairedDifference:
+    strategy: str
+    seeds: int  # seeds both this strategy and the baseline completed on the same label counts
+    auc: float  # mean over those seeds
+    difference: float  # mean paired difference from the baseline's AUC
+    low: float | None  # the t interval (None with one seed)
+    high: float | None
+
+
+def paired_differences(curves: dict[str, dict[str, list[dict]]], metric: str = "accuracy",
+                       baseline: str = "random", confidence: float = 0.95) -> list[PairedDifference]:
+    """Per strategy (baseline first, difference 0), the AUC over seeds and its paired difference from the baseline.
+
+    curves: strategy → seed → the rounds' points ({"labels": int, metric: float, ...}). Each pair of runs is
+    compared on the label counts both reached, so an unfinished run still counts on its finished rounds.
+    """
+    from scipy import stats
+
+    if baseline not in curves:
+        raise ValueError(f"baseline {baseline!r} has no runs; strategies: {sorted(curves)}")
+    rows = []
+    for strategy in [baseline] + [s for s in curves if s != baseline]:
+        aucs, diffs = [], []
+        for seed, points in curves[strategy].items():
+            base = curves[baseline].get(seed)
+            if not base:
+                continue
+            common = {p["labels"] for p in points} & {p["labels"] for p in base}
+            if not common:
+                continue
+            mine = curve_auc([p for p in points if p["labels"] in common], metric)
+            theirs = curve_auc([p for p in base if p["labels"] in common], metric)
+            aucs.append(mine)
+            diffs.append(mine - theirs)
+        if not diffs:
+            continue
+        n, mean = len(diffs), sum(diffs) / len(diffs)
+        low = high = None
+        if n > 1:
+            sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+            half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
+            low, high = mean - half, mean + half
+        rows.append(PairedDifference(strategy, n, sum(aucs) / n, mean, low, high))
+    return rows
+
+
+def markdown(rows: list[PairedDifference], metric: str, baseline: str, confidence: float = 0.95) -> str:
+    """A table: AUC, paired difference from the baseline with its interval, and whether the interval excludes 0."""
+    lines = [f"| strategy | seeds | AUC ({metric}) | − {baseline}, paired by seed | {confidence:.0%} t interval | "
+             "verdict |", "|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        if r.strategy == baseline:
+            lines.append(f"| {r.strategy} | {r.seeds} | {r.auc:.4f} | — | — | baseline |")
+            continue
+        interval = "—" if r.low is None else f"[{r.low:+.4f}, {r.high:+.4f}]"
+        verdict = ("one seed: no interval" if r.low is None else "better" if r.low > 0 else "worse" if r.high < 0
+                   else "no difference shown")
+        lines.append(f"| {r.strategy} | {r.seeds} | {r.auc:.4f} | {r.difference:+.4f} | {interval} | {verdict} |")
+    return "\n".join(lines)
