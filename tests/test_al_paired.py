@@ -17,6 +17,10 @@ def test_auc_is_the_curves_mean_height():
     assert curve_auc(curve([0.2, 0.4, 0.6]), "accuracy") == pytest.approx(0.4)  # trapezoid over 30..90
     assert curve_auc(curve([0.2, 0.4, 1.0]), "accuracy") == pytest.approx((0.3 * 30 + 0.7 * 30) / 60)
     assert curve_auc(curve([0.7]), "accuracy") == 0.7
+    with pytest.raises(ValueError, match="at least one point"):
+        curve_auc([], "accuracy")
+    with pytest.raises(ValueError, match="confidence"):
+        paired_differences({"random": {"0": curve([0.5])}}, confidence=1.5)
 
 
 def test_a_constant_gain_is_shown_and_noise_is_not():

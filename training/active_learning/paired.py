@@ -14,6 +14,8 @@ from dataclasses import dataclass
 def curve_auc(points: list[dict], metric: str) -> float:
     """Area under `metric` against the label count (trapezoid), divided by the label range: the curve's mean
     height. One point: its value."""
+    if not points:
+        raise ValueError("curve_auc needs at least one point of the learning curve")
     points = sorted(points, key=lambda p: p["labels"])
     if len(points) == 1:
         return float(points[0][metric])
@@ -41,6 +43,8 @@ def paired_differences(curves: dict[str, dict[str, list[dict]]], metric: str = "
     """
     from scipy import stats
 
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if baseline not in curves:
         raise ValueError(f"baseline {baseline!r} has no runs; strategies: {sorted(curves)}")
     rows = []
