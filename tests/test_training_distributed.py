@@ -7,8 +7,11 @@ parameters are then the single-process ones. FSDP2 (`fully_shard` on the decoder
 accelerate's FSDP2 plugin lays it out) must give the same step: the LM head's weight is used directly inside the
 wrapper's forward, which only works while the root's parameters are unsharded.
 """
+import faulthandler
+import gc
 import os
 import tempfile
+from datetime import timedelta
 
 import pytest
 import torch
@@ -21,6 +24,9 @@ from epa_kernels.transformers import BatchPlanner, PreferenceExample, Preference
 WORLD = 2
 SEED = 1234
 LR = 0.5
+# A rank that waits longer than this dumps every thread's stack and exits, so a hang fails the test with the place
+# it hung instead of stalling CI (the step itself takes ~2 s).
+HANG_S = 120
 
 
 def examples():
@@ -66,35 +72,48 @@ def single_process_step():
     return loss.item(), {k: v.detach().clone() for k, v in wrapper.model.state_dict().items()}
 
 
-def worker(rank, init_file, mode, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        planner, step = planned_step()
-        wrapper = make_wrapper()
-        if mode == "ddp":
-            module = torch.nn.parallel.DistributedDataParallel(wrapper)
-        else:
-            from torch.distributed.fsdp import fully_shard
+def sharded_step(rank, mode):
+    """This rank's part of the step under DDP or FSDP2; returns the mean loss over all prompts and the full state."""
+    torch.set_num_threads(1)
+    planner, step = planned_step()
+    wrapper = make_wrapper()
+    if mode == "ddp":
+        module = torch.nn.parallel.DistributedDataParallel(wrapper)
+    else:
+        from torch.distributed.fsdp import fully_shard
 
-            for layer in wrapper.model.model.layers:
-                fully_shard(layer)
-            module = fully_shard(wrapper)
-        shard = step.shards[rank]
-        batch = planner.collate(shard)
-        batch["ref_logps"] = ref_logps(batch)
-        loss, _ = module(batch)
-        (loss * len(shard) * WORLD / step.num_prompts).backward()
-        with torch.no_grad():
-            for p in wrapper.parameters():
-                p -= LR * p.grad
-        loss_sum = torch.tensor([loss.item() * len(shard)], dtype=torch.float64)
-        dist.all_reduce(loss_sum)
-        state = {}
-        for name, value in wrapper.model.state_dict().items():
-            state[name] = value.full_tensor() if hasattr(value, "full_tensor") else value
+        for layer in wrapper.model.model.layers:
+            fully_shard(layer)
+        module = fully_shard(wrapper)
+    shard = step.shards[rank]
+    batch = planner.collate(shard)
+    batch["ref_logps"] = ref_logps(batch)
+    loss, _ = module(batch)
+    (loss * len(shard) * WORLD / step.num_prompts).backward()
+    with torch.no_grad():
+        for p in wrapper.parameters():
+            p -= LR * p.grad
+    loss_sum = torch.tensor([loss.item() * len(shard)], dtype=torch.float64)
+    dist.all_reduce(loss_sum)
+    state = {}
+    for name, value in wrapper.model.state_dict().items():
+        state[name] = value.full_tensor() if hasattr(value, "full_tensor") else value.clone()
+    return loss_sum.item() / step.num_prompts, state
+
+
+def worker(rank, init_file, mode, out_dir):
+    faulthandler.dump_traceback_later(HANG_S, exit=True)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=HANG_S))
+    try:
+        loss, state = sharded_step(rank, mode)
+        # DDP's reducer must die while the process group is still registered. If it outlives
+        # destroy_process_group, it drops the group's last reference while holding the GIL; the group's
+        # destructor then joins a gloo worker thread that needs the GIL to free its last finished work:
+        # a deadlock, seen under CPU load (gdb: ~ProcessGroupGloo joining, runLoop in take_gil).
+        gc.collect()
         if rank == 0:
-            torch.save({"loss": loss_sum.item() / step.num_prompts, "state": state}, os.path.join(out_dir, "out.pt"))
+            torch.save({"loss": loss, "state": state}, os.path.join(out_dir, "out.pt"))
     finally:
         dist.destroy_process_group()
 
