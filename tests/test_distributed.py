@@ -6,8 +6,10 @@ own groups, so with equal prompts per rank: mean of the ranks' losses = the sing
 every gradient summed over ranks (what DDP's all-reduce does, before its averaging) = world size ×
 the single-process gradient.
 """
+import faulthandler
 import os
 import tempfile
+from datetime import timedelta
 
 import pytest
 import torch
@@ -17,6 +19,8 @@ import torch.multiprocessing as mp
 from epa_kernels import fused_linear_preference_loss, make_groups, preference_loss
 
 WORLD = 2
+# A rank still running after this long dumps its stacks and exits: a hang fails the test instead of stalling CI.
+HANG_S = 120
 VOCAB, DIM, PROMPTS_PER_RANK, STRONG, WEAK = 300, 24, 2, 1, 2
 SIZE = 1 + STRONG + WEAK
 SEQS_PER_RANK = PROMPTS_PER_RANK * SIZE
@@ -78,7 +82,9 @@ def run_loss(fused, hidden, weight, targets, groups, args, process_group=None):
 
 
 def worker(rank, init_file, fused, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    faulthandler.dump_traceback_later(HANG_S, exit=True)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=HANG_S))
     try:
         torch.set_num_threads(1)
         batch = full_batch()
@@ -143,8 +149,7 @@ def unequal_batch():
 
 
 def scenario_worker(rank, init_file, scenario, fused, out_dir):
-    from datetime import timedelta
-
+    faulthandler.dump_traceback_later(HANG_S, exit=True)
     # A short timeout turns a hang (one rank raised, the other waits) into a failure instead of a stuck test.
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=60))
