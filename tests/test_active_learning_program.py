@@ -156,15 +156,20 @@ def test_resume_continues_without_recomputing(tiny_model, tiny_csv, tmp_path, st
     # round 0 once per seed (shared by the strategies), round 1 per strategy and seed
     assert sorted(trained) == sorted([0] * 2 + [1] * 2 * len(names))
 
+    assert [set(s) for s in first["sessions"]] == [{"device", "torch", "transformers", "python", "date", "commit"}]
     trained.clear()
     assert al.main(_argv(tiny_model, tiny_csv, out, names, rounds=1)) == 0  # nothing left to do
     assert trained == []
-    assert json.loads((out / "curves.json").read_text())["curves"] == first["curves"]
+    assert json.loads((out / "curves.json").read_text()) == first  # a session that recorded nothing is not kept
 
+    # written before sessions were kept: one "environment", the latest session's
+    older = {k: v for k, v in first.items() if k != "sessions"} | {"environment": first["sessions"][0]}
+    (out / "curves.json").write_text(json.dumps(older))
     assert al.main(_argv(tiny_model, tiny_csv, out, names, rounds=3)) == 0
     second = json.loads((out / "curves.json").read_text())
     # round 1 was the last one: its model is retrained once to make its query; then rounds 2 and 3
     assert sorted(trained) == sorted([1, 2, 3] * 2 * len(names))
+    assert len(second["sessions"]) == 2 and second["sessions"][0] == first["sessions"][0]
     for name in names:
         for seed in ("0", "1"):
             old, new = first["curves"][name][seed], second["curves"][name][seed]

@@ -51,11 +51,14 @@ def test_runs_are_paired_on_the_rounds_both_reached():
 def test_summary_reports_the_paired_table_and_the_environment():
     state = {"config": {"data": "d", "model": "m", "initial_size": 30, "query_size": 30, "epochs": 1, "lr": 1e-4,
                         "batch_size": 8, "max_length": 16, "pool_limit": None, "test_limit": None},
-             "environment": {"device": "cpu (2 threads)", "torch": "2.13", "transformers": "5.24", "python": "3.11",
-                             "date": "today", "commit": "abc1234"},
+             "sessions": [{"device": "cpu (2 threads)", "torch": "2.13", "transformers": "5.24", "python": "3.11",
+                           "date": "monday", "commit": "abc1234"},
+                          {"device": "cpu (2 threads)", "torch": "2.13", "transformers": "5.24", "python": "3.11",
+                           "date": "tuesday", "commit": "def5678"}],
              "curves": {"random": {"0": curve([0.3, 0.5]), "1": curve([0.4, 0.5])},
                         "vapal": {"0": curve([0.3, 0.6]), "1": curve([0.4, 0.7])}}}
     text = summary_markdown(state)
-    assert "commit abc1234" in text and "## Paired by seed" in text
+    assert "commit abc1234, monday; resumed on cpu (2 threads)" in text and "commit def5678, tuesday" in text
+    assert "## Paired by seed" in text
     vapal = next(line for line in text.splitlines() if line.startswith("| vapal | 2 |"))
     assert "+0.0750" in vapal and math.isfinite(float(vapal.split("|")[3]))

@@ -48,7 +48,14 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     curves_path = out / "curves.json"
     state = load_state(curves_path, args, data.label_names)
-    state["environment"] = environment(device)
+    session = environment(device)
+
+    def save():
+        """Write curves.json; the first write of this invocation adds its session (a resumed study keeps all)."""
+        if not any(s is session for s in state["sessions"]):
+            state["sessions"].append(session)
+        write_json(curves_path, state)
+
     t0 = time.perf_counter()
     pool = tokenize(tokenizer, data.pool_texts, args.max_length)
     test = tokenize(tokenizer, data.test_texts, args.max_length)
@@ -102,7 +109,7 @@ def run(args) -> dict:
                                              labeled, args, seed, last["round"], n_pool)
                     last["query_seconds"] = time.perf_counter() - q0
                     last["seconds"] = last["train_seconds"] + last["eval_seconds"] + last["query_seconds"]
-                    write_json(curves_path, state)
+                    save()
                 labeled = sorted(set(last["labeled_indices"]) | set(last["queried"]))
                 model = None
             for rnd in range(done, args.rounds + 1):
@@ -130,7 +137,7 @@ def run(args) -> dict:
                 # what this round costs a strategy on its own (a shared round 0 counts in full)
                 entry["seconds"] = train_s + eval_s + entry["query_seconds"]
                 entries.append(entry)
-                write_json(curves_path, state)
+                save()
                 bar.update(1)
                 bar.write(f"{name:>8} seed {seed} round {rnd}: {entry['labels']:5d} labels  acc {acc:.4f}  "
                           f"macro-F1 {f1:.4f}  ({entry['seconds']:.1f}s)", file=sys.stderr)

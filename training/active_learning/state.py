@@ -41,7 +41,8 @@ def fingerprint(args) -> dict:
 
 
 def load_state(path: Path, args, label_names) -> dict:
-    fresh = {"version": FORMAT_VERSION, "config": fingerprint(args), "label_names": label_names, "curves": {}}
+    fresh = {"version": FORMAT_VERSION, "config": fingerprint(args), "label_names": label_names, "curves": {},
+             "sessions": []}
     if not args.resume or not path.exists():
         return fresh
     try:
@@ -56,11 +57,13 @@ def load_state(path: Path, args, label_names) -> dict:
         raise ALError(f"{path} holds results of a different configuration ({'; '.join(diff)}); "
                       "use another --out or --no-resume to discard them")
     state["label_names"] = label_names
+    # Records of this version written before sessions were kept hold the latest session's environment only.
+    state.setdefault("sessions", [state.pop("environment")] if "environment" in state else [])
     return state
 
 
 def environment(device) -> dict:
-    """Device, versions, date and commit of this run (the latest, when resumed): what a recorded curve needs."""
+    """Device, versions, date and commit of this session of the run: what a recorded curve needs."""
     import torch
     import transformers
 
