@@ -1,4 +1,5 @@
 """Learning curves judged by paired statistics: AUC per seed, differences from random paired by seed."""
+import json
 import math
 
 import pytest
@@ -62,3 +63,22 @@ def test_summary_reports_the_paired_table_and_the_environment():
     assert "## Paired by seed" in text
     vapal = next(line for line in text.splitlines() if line.startswith("| vapal | 2 |"))
     assert "+0.0750" in vapal and math.isfinite(float(vapal.split("|")[3]))
+
+
+def test_compare_judges_a_recorded_run_against_any_baseline(tmp_path, capsys):
+    from training.active_learning.compare import main
+
+    path = tmp_path / "curves.json"
+    path.write_text(json.dumps({"curves": {"random": {"0": curve([0.3, 0.5]), "1": curve([0.4, 0.5])},
+                                           "old": {"0": curve([0.3, 0.6]), "1": curve([0.4, 0.6])},
+                                           "new": {"0": curve([0.3, 0.7]), "1": curve([0.4, 0.8])}}}))
+    assert main([str(path), "--baseline", "old"]) == 0
+    out = capsys.readouterr().out
+    assert "| old | 2 |" in out and "baseline" in out and "− old, paired by seed" in out
+    new = next(line for line in out.splitlines() if line.startswith("| new | 2 |"))
+    assert "+0.0750" in new  # (0.05 + 0.10) / 2 over 30..60, paired with "old"
+    assert main([str(path), "--baseline", "missing"]) == 2
+    assert "baseline 'missing' has no runs" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text("{}")
+    assert main([str(tmp_path / "other.json")]) == 2
+    assert "has no 'curves'" in capsys.readouterr().err

@@ -86,3 +86,4 @@ def markdown(rows: list[PairedDifference], metric: str, baseline: str, confidenc
                    else "no difference shown")
         lines.append(f"| {r.strategy} | {r.seeds} | {r.auc:.4f} | {r.difference:+.4f} | {interval} | {verdict} |")
     return "\n".join(lines)
+
