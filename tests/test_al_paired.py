@@ -47,6 +47,8 @@ def test_runs_are_paired_on_the_rounds_both_reached():
     assert rows[1].low is None and "one seed" in markdown(rows, "accuracy", "random")
     with pytest.raises(ValueError, match="baseline 'random' has no runs"):
         paired_differences({"x": unfinished})
+    with pytest.raises(ValueError, match="baseline 'random' has no runs"):  # interrupted before its first round
+        paired_differences({"random": {"0": []}, "x": unfinished})
 
 
 def test_summary_reports_the_paired_table_and_the_environment():
@@ -61,6 +63,8 @@ def test_summary_reports_the_paired_table_and_the_environment():
     text = summary_markdown(state)
     assert "commit abc1234, monday; resumed on cpu (2 threads)" in text and "commit def5678, tuesday" in text
     assert "## Paired by seed" in text
+    older = {k: v for k, v in state.items() if k != "sessions"} | {"environment": state["sessions"][1]}
+    assert "commit def5678, tuesday (the latest of earlier, unrecorded sessions)." in summary_markdown(older)
     vapal = next(line for line in text.splitlines() if line.startswith("| vapal | 2 |"))
     assert "+0.0750" in vapal and math.isfinite(float(vapal.split("|")[3]))
 
@@ -81,4 +85,10 @@ def test_compare_judges_a_recorded_run_against_any_baseline(tmp_path, capsys):
     assert "baseline 'missing' has no runs" in capsys.readouterr().err
     (tmp_path / "other.json").write_text("{}")
     assert main([str(tmp_path / "other.json")]) == 2
-    assert "has no 'curves'" in capsys.readouterr().err
+    assert 'has no "curves" table' in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert main([str(tmp_path / "list.json")]) == 2
+    assert 'has no "curves" table' in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("{")
+    assert main([str(tmp_path / "broken.json")]) == 2
+    assert "broken.json" in capsys.readouterr().err

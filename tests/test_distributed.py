@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 from epa_kernels import fused_linear_preference_loss, make_groups, preference_loss
 
 WORLD = 2
-# A rank still running after this long dumps its stacks and exits: a hang fails the test instead of stalling CI.
+# A collective waiting longer than HANG_S / 2 (the group's timeout) raises; a rank still running after HANG_S dumps
+# every thread's stack and exits (a hang outside collectives). Either fails the test instead of stalling CI.
 HANG_S = 120
 VOCAB, DIM, PROMPTS_PER_RANK, STRONG, WEAK = 300, 24, 2, 1, 2
 SIZE = 1 + STRONG + WEAK
@@ -84,7 +85,7 @@ def run_loss(fused, hidden, weight, targets, groups, args, process_group=None):
 def worker(rank, init_file, fused, out_dir):
     faulthandler.dump_traceback_later(HANG_S, exit=True)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=HANG_S))
+                            timeout=timedelta(seconds=HANG_S // 2))
     try:
         torch.set_num_threads(1)
         batch = full_batch()

@@ -24,8 +24,8 @@ from epa_kernels.transformers import BatchPlanner, PreferenceExample, Preference
 WORLD = 2
 SEED = 1234
 LR = 0.5
-# A rank that waits longer than this dumps every thread's stack and exits, so a hang fails the test with the place
-# it hung instead of stalling CI (the step itself takes ~2 s).
+# A collective waiting longer than HANG_S / 2 (the group's timeout) raises; a rank still running after HANG_S dumps
+# every thread's stack and exits (a hang outside collectives). Either fails the test instead of stalling CI.
 HANG_S = 120
 
 
@@ -104,7 +104,7 @@ def sharded_step(rank, mode):
 def worker(rank, init_file, mode, out_dir):
     faulthandler.dump_traceback_later(HANG_S, exit=True)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=HANG_S))
+                            timeout=timedelta(seconds=HANG_S // 2))
     try:
         loss, state = sharded_step(rank, mode)
         # DDP's reducer must die while the process group is still registered. If it outlives

@@ -20,16 +20,20 @@ def main(argv=None) -> int:
     parser.add_argument("--confidence", type=float, default=0.95, help="of the t interval")
     args = parser.parse_args(argv)
     try:
-        curves = json.loads(args.curves.read_text())["curves"]
-        tables = []
-        for metric, title in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
-            rows = paired_differences(curves, metric, args.baseline, args.confidence)
-            tables.append(f"**{title}**\n\n{markdown(rows, title, args.baseline, args.confidence)}")
-    except KeyError as error:
-        print(f"error: {args.curves} has no {error} (not a curves.json of this program?)", file=sys.stderr)
+        record = json.loads(args.curves.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        print(f"error: {args.curves}: {error}", file=sys.stderr)
         return 2
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    if not isinstance(record, dict) or not isinstance(record.get("curves"), dict):
+        print(f"error: {args.curves} has no \"curves\" table (not a curves.json of this program?)", file=sys.stderr)
+        return 2
+    tables = []
+    try:
+        for metric, title in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
+            rows = paired_differences(record["curves"], metric, args.baseline, args.confidence)
+            tables.append(f"**{title}**\n\n{markdown(rows, title, args.baseline, args.confidence)}")
+    except ValueError as error:
+        print(f"error: {args.curves}: {error}", file=sys.stderr)
         return 2
     print("\n\n".join(tables))
     return 0

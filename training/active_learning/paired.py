@@ -45,7 +45,7 @@ def paired_differences(curves: dict[str, dict[str, list[dict]]], metric: str = "
 
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if baseline not in curves:
+    if not any(curves.get(baseline, {}).values()):
         raise ValueError(f"baseline {baseline!r} has no runs; strategies: {sorted(curves)}")
     rows = []
     for strategy in [baseline] + [s for s in curves if s != baseline]:
@@ -86,4 +86,3 @@ def markdown(rows: list[PairedDifference], metric: str, baseline: str, confidenc
                    else "no difference shown")
         lines.append(f"| {r.strategy} | {r.seeds} | {r.auc:.4f} | {r.difference:+.4f} | {interval} | {verdict} |")
     return "\n".join(lines)
-

@@ -57,9 +57,17 @@ def load_state(path: Path, args, label_names) -> dict:
         raise ALError(f"{path} holds results of a different configuration ({'; '.join(diff)}); "
                       "use another --out or --no-resume to discard them")
     state["label_names"] = label_names
-    # Records of this version written before sessions were kept hold the latest session's environment only.
-    state.setdefault("sessions", [state.pop("environment")] if "environment" in state else [])
+    state["sessions"] = sessions(state)
+    state.pop("environment", None)
     return state
+
+
+def sessions(state: dict) -> list[dict]:
+    """The recorded sessions. Records of this version written before sessions were kept hold one "environment":
+    the latest session's only, marked so (earlier sessions are unknown)."""
+    if "sessions" in state:
+        return state["sessions"]
+    return [{**state["environment"], "earlier_sessions_unrecorded": True}] if "environment" in state else []
 
 
 def environment(device) -> dict:
@@ -72,7 +80,8 @@ def environment(device) -> dict:
     else:
         name = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        # "-dirty" when tracked files differ from the commit: the code that ran is then not the commit's
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                                 check=False, cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
