@@ -62,12 +62,12 @@ def summary_markdown(state: dict) -> str:
              f"max length {cfg['max_length']}, pool limit {cfg['pool_limit']}, test limit {cfg['test_limit']}.",
              "Mean ± sample std over seeds (n = seeds recorded); **bold**: best mean at that label count. "
              "Macro-F1: the unweighted mean of the per-class F1 over the classes present in the test split."]
-    runs = sessions(state)
-    if runs:
+    history = sessions(state)
+    if history:
         lines.append("Run on " + "; resumed on ".join(
             f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, commit {env['commit']}, "
             f"{env['date']}" + (" (the latest of earlier, unrecorded sessions)"
-                                if env.get("earlier_sessions_unrecorded") else "") for env in runs) + ".")
+                                if env.get("earlier_sessions_unrecorded") else "") for env in history) + ".")
     lines.append("")
     names = [s for s, runs in state["curves"].items() if any(runs.values())]  # those with something recorded
     if BASELINE in names and len(names) > 1:
