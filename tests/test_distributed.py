@@ -83,6 +83,7 @@ def run_loss(fused, hidden, weight, targets, groups, args, process_group=None):
 
 
 def worker(rank, init_file, fused, out_dir):
+    faulthandler.enable()  # a fatal signal (an abort in teardown, say) prints every thread's Python stack
     faulthandler.dump_traceback_later(HANG_S, exit=True)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=HANG_S // 2))
@@ -150,6 +151,7 @@ def unequal_batch():
 
 
 def scenario_worker(rank, init_file, scenario, fused, out_dir):
+    faulthandler.enable()  # a fatal signal (an abort in teardown, say) prints every thread's Python stack
     faulthandler.dump_traceback_later(HANG_S, exit=True)
     # A short timeout turns a hang (one rank raised, the other waits) into a failure instead of a stuck test.
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,

@@ -102,6 +102,7 @@ def sharded_step(rank, mode):
 
 
 def worker(rank, init_file, mode, out_dir):
+    faulthandler.enable()  # a fatal signal (an abort in teardown, say) prints every thread's Python stack
     faulthandler.dump_traceback_later(HANG_S, exit=True)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=HANG_S // 2))
