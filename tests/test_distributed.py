@@ -153,9 +153,9 @@ def unequal_batch():
 def scenario_worker(rank, init_file, scenario, fused, out_dir):
     faulthandler.enable()  # a fatal signal (an abort in teardown, say) prints every thread's Python stack
     faulthandler.dump_traceback_later(HANG_S, exit=True)
-    # A short timeout turns a hang (one rank raised, the other waits) into a failure instead of a stuck test.
+    # The group's timeout turns a hang (one rank raised, the other waits) into a failure instead of a stuck test.
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
+                            timeout=timedelta(seconds=HANG_S // 2))
     try:
         torch.set_num_threads(1)
         batch = unequal_batch()
