@@ -102,6 +102,9 @@ def worker(rank, init_file, fused, out_dir):
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()  # as in scenario_worker: no interpreter finalisation after the result is written
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
