@@ -141,7 +141,7 @@ def main():
     if args.out:
         import torch
 
-        from benchmarks.harness import environment
+        from epa_kernels.provenance import environment
 
         env = environment(torch.device(args.device))
         out = Path(args.out)

@@ -14,7 +14,6 @@ import functools
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -407,40 +406,6 @@ def gemm_floor_ms(case: Case, device: torch.device, *, warmup: int, repeats: int
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def environment(device: torch.device) -> dict:
-    """Device, versions, date and commit: what a recorded result needs to be compared later."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as cpuinfo:
-                name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        name = f"{name} ({torch.get_num_threads()} threads)"
-    return {
-        "device": name,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "epa_kernels": epa_kernels.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "commit": commit,
-    }
 
 
 if __name__ == "__main__":  # worker for measure_peak_memory: name, case json, device

@@ -26,8 +26,9 @@ from dataclasses import asdict
 import torch
 
 from benchmarks import activations
-from benchmarks.harness import CPU_MEMORY_ENV, SOURCES, Case, cpu_memory_exact, environment, gemm_floor_ms, run_case
+from benchmarks.harness import CPU_MEMORY_ENV, SOURCES, Case, cpu_memory_exact, gemm_floor_ms, run_case
 from benchmarks.plots import write_plots
+from epa_kernels.provenance import environment
 
 # A preset is a list of grids; each grid is the product of its cases, tokens, hidden sizes and vocabularies.
 PRESETS = {

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import environment
+from epa_kernels.provenance import environment
 
 IMPLS = {  # name → (worker module, worker arguments)
     "epa-shared-gc": ("benchmarks.train_step", ["--worker", "shared-gc", "--measure", "time"]),

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import CPU_MEMORY_ENV, _proc_status, cpu_memory_exact, environment
+from benchmarks.harness import CPU_MEMORY_ENV, _proc_status, cpu_memory_exact
+from epa_kernels.provenance import environment
 
 IMPLS = ("fused", "unfused", "shared", "fused-gc", "unfused-gc", "shared-gc")
 TEXT = ("Preference optimisation trains a language model to rank the responses people prefer above the ones "

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from types import ModuleType
 from typing import NamedTuple
 
 import torch
+
+from epa_kernels.ops import triton_interpreting
 
 BACKENDS = ("auto", "triton", "native", "torch")
 
@@ -19,12 +20,6 @@ BACKENDS = ("auto", "triton", "native", "torch")
 class BackendInfo(NamedTuple):
     available: bool
     detail: str
-
-
-def triton_interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter: Triton's own reading of TRITON_INTERPRET (1, true, yes or
-    on, any case), the one rule for this whole package."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @functools.cache

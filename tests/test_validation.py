@@ -113,7 +113,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 def test_one_reading_of_triton_interpret_and_it_is_tritons(monkeypatch, value):
     """dispatch and the Triton backend read TRITON_INTERPRET the way Triton itself does."""
     knobs = pytest.importorskip("triton.knobs", reason="Triton ≥ 3.4 exposes its reading as triton.knobs")
-    from epa_kernels.dispatch import triton_interpreting
+    from epa_kernels.ops import triton_interpreting
 
     monkeypatch.setenv("TRITON_INTERPRET", value)
     assert triton_interpreting() == bool(knobs.runtime.interpret)

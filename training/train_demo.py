@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from epa_kernels.provenance import environment
+
 RUNS = {  # name → (training data file, loss options)
     "dpo": ("train_pairs.jsonl", ["--loss", "dpo"]),
     "epa": ("train_multi.jsonl", ["--loss", "epa"]),
@@ -124,8 +126,6 @@ def main(argv=None) -> int:
                          "win_rate": report.get("win_rate"), "train_loss": train["train"]["loss"],
                          "updates": train["updates"], "report": report["report"]}
     plot_runs(out, out / "curves.png")
-
-    from benchmarks.harness import environment
 
     env = environment(torch.device("cpu"))
     meta = json.loads((data / "meta.json").read_text())

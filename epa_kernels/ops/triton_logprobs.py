@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from epa_kernels.dispatch import triton_interpreting
+from epa_kernels.ops import triton_interpreting
 
 _INTERPRET = triton_interpreting()
 

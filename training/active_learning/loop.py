@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from epa_kernels.provenance import environment
 from training.active_learning.cli import ALError, resolve_args
 from training.active_learning.data import content_hash, prepare_data
 from training.active_learning.model import (
@@ -20,7 +21,7 @@ from training.active_learning.model import (
     train_model,
 )
 from training.active_learning.report import write_reports
-from training.active_learning.state import environment, fingerprint, load_state, write_json
+from training.active_learning.state import fingerprint, load_state, write_json
 from training.active_learning.strategies import build_strategies, select
 
 

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
-import time
 from pathlib import Path
 
 from training.active_learning.cli import ALError
@@ -68,25 +65,6 @@ def sessions(state: dict) -> list[dict]:
     if "sessions" in state:
         return state["sessions"]
     return [{**state["environment"], "earlier_sessions_unrecorded": True}] if "environment" in state else []
-
-
-def environment(device) -> dict:
-    """Device, versions, date and commit of this session of the run: what a recorded curve needs."""
-    import torch
-    import transformers
-
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-    try:
-        # "-dirty" when tracked files differ from the commit: the code that ran is then not the commit's
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                                check=False, cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit}
 
 
 def write_json(path: Path, obj) -> None:
