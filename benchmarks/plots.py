@@ -4,9 +4,9 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 from collections import defaultdict
 
 # One colour per implementation in every panel and every plot.
@@ -98,7 +98,10 @@ def write_plots(results, out_dir: str, device_name: str) -> list[str]:
 if __name__ == "__main__":
     from benchmarks.harness import Result
 
-    path = sys.argv[1]
+    parser = argparse.ArgumentParser(description="Re-plot a recorded run of python -m benchmarks.run; the PNG "
+                                                 "files are written beside its results.json.")
+    parser.add_argument("results", help="results.json of a recorded run")
+    path = parser.parse_args().results
     with open(path) as recorded:
         run = json.load(recorded)
     results = [Result(**r) for r in run["results"]]

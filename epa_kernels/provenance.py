@@ -6,6 +6,7 @@ reports.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import subprocess
@@ -62,4 +63,8 @@ def environment(device: torch.device | str = "cpu") -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(environment("cuda" if torch.cuda.is_available() else "cpu"), indent=1))
+    parser = argparse.ArgumentParser(description="Print the provenance record (device, versions, date, commit) that "
+                                                 "this machine's results would carry, as JSON.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="the device whose name to record (default: cuda when available, else cpu)")
+    print(json.dumps(environment(parser.parse_args().device), indent=1))
