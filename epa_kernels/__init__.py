@@ -7,11 +7,11 @@ from epa_kernels.dispatch import BackendInfo, backends
 from epa_kernels.fused_loss import FusedLinearDPOLoss, FusedLinearEPALoss, fused_linear_preference_loss
 from epa_kernels.groups import make_groups
 from epa_kernels.logprobs import LogProbs, linear_logprobs
-from epa_kernels.losses import LOSSES, preference_loss
+from epa_kernels.losses import LOSS_OPTIONS, LOSSES, preference_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LOSSES", "BackendInfo", "FusedLinearDPOLoss", "FusedLinearEPALoss", "LogProbs", "backends",
+    "LOSSES", "LOSS_OPTIONS", "BackendInfo", "FusedLinearDPOLoss", "FusedLinearEPALoss", "LogProbs", "backends",
     "fused_linear_preference_loss", "linear_logprobs", "make_groups", "preference_loss", "__version__",
 ]

@@ -106,10 +106,21 @@ _LOSS_FUNCTIONS = {
     "epa": _epa, "dpo": _sigmoid_pairs, "simpo": _sigmoid_pairs, "ipo": _ipo, "sdpo": _sdpo,
     "infonca": _infonca, "nca": _nca, "plackett_luce": _plackett_luce,
 }
-_USES_MARGIN = ("epa", "dpo", "simpo", "sdpo")
-_USES_LABEL_SMOOTHING = ("dpo", "simpo")
 _NEEDS_NEGATIVE = ("dpo", "simpo", "ipo")
-_UNWEIGHTED = ("nca", "plackett_luce")  # their terms are not per-response exponentials to weight
+# The options each loss reads; any other option given a non-default value is refused rather than ignored.
+# positive_weight: only where the positive's e^r is a term of a softmax (pairs have no such term); weak_weight and
+# weights: not nca and plackett_luce, whose terms are not per-response exponentials, nor sdpo's weak columns (it
+# reads strong negatives only); score_temperature: only the losses with soft labels from scores.
+LOSS_OPTIONS = {
+    "epa": ("margin", "positive_weight", "weak_weight", "weights"),
+    "dpo": ("margin", "label_smoothing", "weak_weight", "weights"),
+    "simpo": ("margin", "label_smoothing", "weak_weight", "weights"),
+    "ipo": ("weak_weight", "weights"),
+    "sdpo": ("margin", "weights"),
+    "infonca": ("positive_weight", "weak_weight", "weights", "score_temperature"),
+    "nca": ("score_temperature",),
+    "plackett_luce": (),
+}
 
 
 def _check_per_group(name, value, shape, device):
@@ -154,13 +165,12 @@ def group_rewards(policy_logps, ref_logps, groups, *, loss="epa", beta=0.1, num_
     weak_weight = check_finite("weak_weight", weak_weight, low=0.0)
     positive_weight = check_positive_finite("positive_weight", positive_weight)
     score_temperature = check_positive_finite("score_temperature", score_temperature)
-    if margin != 0 and loss not in _USES_MARGIN:
-        raise ValueError(f"margin is not used by loss={loss!r} (only {', '.join(_USES_MARGIN)})")
-    if label_smoothing != 0 and loss not in _USES_LABEL_SMOOTHING:
-        raise ValueError(f"label_smoothing is not used by loss={loss!r} (only {', '.join(_USES_LABEL_SMOOTHING)})")
-    if loss in _UNWEIGHTED and (weights is not None or weak_weight != 1.0 or positive_weight != 1.0):
-        raise ValueError(f"loss={loss!r} does not weight responses: weights, weak_weight and positive_weight are "
-                         "not used by it (leave them at their defaults)")
+    given = {"margin": margin != 0, "label_smoothing": label_smoothing != 0, "weak_weight": weak_weight != 1.0,
+             "positive_weight": positive_weight != 1.0, "weights": weights is not None,
+             "score_temperature": score_temperature != 1.0}
+    for name in (name for name, set_ in given.items() if set_ and name not in LOSS_OPTIONS[loss]):
+        users = [other for other, options in LOSS_OPTIONS.items() if name in options]
+        raise ValueError(f"{name} is not used by loss={loss!r} (only by {', '.join(users)}): leave it at its default")
 
     mask = check_groups(groups, num_seqs, ordered=loss == "plackett_luce")
     if groups.device != policy_logps.device:
@@ -286,8 +296,10 @@ def preference_loss(policy_logps, ref_logps, groups, *, loss="epa", beta=0.1, nu
     loss: "epa" (default), "dpo", "ipo", "simpo" (pass mean log-probs, ref_logps=None), "infonca"
     (needs scores), "nca", "sdpo" (strong negatives only), "plackett_luce" (rows ranked best→worst).
     num_strong: columns 1…num_strong are strong negatives, the rest weak (default: all strong).
-    positive_weight (w), weak_weight (α) and weights [P, G] multiply each e^r (EPA, InfoNCA, S-DPO) or
-    weight each pair (DPO, IPO, SimPO). scores [P, G]: soft labels softmax(scores / score_temperature).
+    weights [P, G] multiply each e^r (EPA, InfoNCA, S-DPO) or weight each pair (DPO, IPO, SimPO); weak_weight (α)
+    does the same for weak negatives (not S-DPO: strong only); positive_weight (w) multiplies the positive's e^r
+    (EPA, InfoNCA only). scores [P, G]: soft labels softmax(scores / score_temperature) (InfoNCA, NCA).
+    An option the loss does not use is refused, not ignored.
     margin γ: the positive's reward is lowered by γ. label_smoothing ε: conservative DPO.
     process_group: gather every rank's log-probs first, so groups may index any rank's sequences
     (global index = position in the rank-ordered concatenation); each rank's loss is the mean over
