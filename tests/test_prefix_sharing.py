@@ -12,6 +12,7 @@ from epa_kernels.transformers.prefix_sharing import (
     pack_prefix_shared,
     prefix_attention,
 )
+from epa_kernels.transformers.reference_cache import prompt_segments
 from tests.tiny_models import tiny_causal_lm, tiny_config
 
 SEED = 31337
@@ -43,8 +44,21 @@ def ragged_examples(seed=SEED, count=4):
     return examples
 
 
-def planners(examples, num_weak=2, max_length=None):
-    common = dict(max_tokens_per_batch=10_000, num_weak=num_weak, max_length=max_length, seed=SEED, shuffle=False)
+def repeated_prompt_examples(seed=SEED):
+    """`ragged_examples` plus, at the end of the data, rows 4 and 6 with row 0's prompt and row 5 with row 2's (as in
+    a pairwise expansion, row 5 reuses an answer of row 2)."""
+    examples = ragged_examples(seed)
+    rng = random.Random(seed + 1)
+    for source in (0, 2, 0):
+        first = examples[source]
+        response = tuple(rng.randrange(4, VOCAB) for _ in range(rng.randint(1, 8)))
+        other = first.responses[-1] if source == 2 else (rng.randrange(4, VOCAB),)
+        examples.append(PreferenceExample(len(examples), first.prompt, (response, other)))
+    return examples
+
+
+def planners(examples, num_weak=2, max_length=None, shuffle=False):
+    common = dict(max_tokens_per_batch=10_000, num_weak=num_weak, max_length=max_length, seed=SEED, shuffle=shuffle)
     return BatchPlanner(examples, **common), BatchPlanner(examples, prefix_sharing=True, **common)
 
 
@@ -101,6 +115,45 @@ def test_planner_counts_and_packs_each_prompt_once(max_length):
 
     for s in range(len(keys)):
         assert counted(plain, s) == counted(batch, s)
+
+
+def test_rows_sharing_a_prompt_share_one_segment():
+    """Rows 0, 4, 6 and rows 2, 5 repeat a prompt: the plan puts each set together and the packing encodes its
+    prompt once, with one branch per response of every row (weak negatives included), none drawn from those rows."""
+    examples = repeated_prompt_examples()
+    unshared, shared = planners(examples, num_weak=3, shuffle=True)
+    prompts = one_step(shared)
+    rows = [p.example for p in prompts]
+    for unit in ([0, 4, 6], [2, 5]):
+        at = [rows.index(row) for row in unit]
+        assert sorted(at) == list(range(min(at), min(at) + len(unit))), f"rows {unit} apart in {rows}"
+    for planned in prompts:
+        prompt = examples[planned.example].prompt
+        assert planned.weak and all(examples[q].prompt != prompt for q, _ in planned.weak), planned
+    keys = shared.sequence_keys(prompts)
+    batch, plain = shared.collate(prompts), unshared.collate(prompts)
+    distinct = {examples[row].prompt for row in rows}
+    assert batch["cu_segments"].numel() - 1 == len(distinct) == 4
+    expected = sum(len(prompt) - 1 for prompt in distinct) + sum(len(shared.sequence_tokens(k)[1]) for k in keys)
+    assert batch["input_ids"].shape[1] == shared.packed_length(keys) == expected
+    for name in ("groups", "keys"):
+        assert torch.equal(plain[name], batch[name])
+    wrapper = PreferenceModel(tiny("llama", "sdpa", dtype=torch.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper.sequence_logps(batch), wrapper.sequence_logps(plain), rtol=1e-5, atol=1e-4)
+
+
+def test_reference_segments_share_a_repeated_prompt():
+    """The reference pass groups keys by prompt ids as training does: one segment per distinct prompt."""
+    examples = repeated_prompt_examples()
+    _, shared = planners(examples, num_weak=3, shuffle=True)
+    keys = sorted(shared.sequence_keys(one_step(shared)))
+    segments = list(prompt_segments(keys, shared, max_tokens=10_000))
+    assert len(segments) == len({examples[row].prompt for row in range(len(examples))}) == 4
+    for segment in segments:
+        assert len({examples[key[2]].prompt for key in segment}) == 1
+        assert shared.pack(segment)["cu_segments"].numel() == 2, "one encoding of the prompt per segment"
+    assert max(len({key[2] for key in segment}) for segment in segments) == 3  # rows 0, 4 and 6
 
 
 def test_budget_counts_the_shared_layout():

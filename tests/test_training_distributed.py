@@ -5,7 +5,9 @@ same everywhere). Each rank scales its prompts' mean loss by (its prompts × ran
 gradient average is the gradient of the mean over all prompts, even with unequal shards. With SGD the updated
 parameters are then the single-process ones. FSDP2 (`fully_shard` on the decoder layers and the root, as
 accelerate's FSDP2 plugin lays it out) must give the same step: the LM head's weight is used directly inside the
-wrapper's forward, which only works while the root's parameters are unsharded.
+wrapper's forward, which only works while the root's parameters are unsharded. So must accelerate's own FSDP2
+preparation with cpu_ram_efficient_loading, which unties the tied LM head (meta device, load with assign=True) and
+relies on the wrapper's `tie_weights()`; the head stays the embedding through the step and a state-dict round trip.
 """
 import faulthandler
 import gc
@@ -13,6 +15,7 @@ import os
 import sys
 import tempfile
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -73,33 +76,74 @@ def single_process_step():
     return loss.item(), {k: v.detach().clone() for k, v in wrapper.model.state_dict().items()}
 
 
+def accelerate_fsdp2(rank):
+    """accelerate's FSDP2 preparation with cpu_ram_efficient_loading, of a fresh wrapper (accelerate enables FSDP
+    only on accelerators: its `Accelerator` is stood in for) and that accelerator."""
+    from accelerate.utils import FullyShardedDataParallelPlugin, fsdp2_prepare_model
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True,
+                                            auto_wrap_policy="transformer_based_wrap")
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
+                                  parallelism_config=None, mixed_precision="no", is_main_process=rank == 0,
+                                  device=torch.device("cpu"))
+    return fsdp2_prepare_model(accelerator, make_wrapper()), accelerator
+
+
+def tied(wrapper):
+    """The LM head's weight is the input embedding's: one parameter, sharded or not."""
+    return wrapper.head.weight is wrapper.model.get_input_embeddings().weight
+
+
+def full_state(wrapper):
+    return {name: value.full_tensor() if hasattr(value, "full_tensor") else value.clone()
+            for name, value in wrapper.model.state_dict().items()}
+
+
 def sharded_step(rank, mode):
-    """This rank's part of the step under DDP or FSDP2; returns the mean loss over all prompts and the full state."""
+    """This rank's part of the step under DDP, FSDP2 or accelerate's FSDP2: the mean loss over all prompts, the full
+    state, whether the head stayed tied and, for accelerate, the state dict's round trip."""
     torch.set_num_threads(1)
     planner, step = planned_step()
-    wrapper = make_wrapper()
     if mode == "ddp":
+        wrapper = make_wrapper()
         module = torch.nn.parallel.DistributedDataParallel(wrapper)
-    else:
+    elif mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
+        wrapper = make_wrapper()
         for layer in wrapper.model.model.layers:
             fully_shard(layer)
         module = fully_shard(wrapper)
+    else:
+        wrapper, accelerator = accelerate_fsdp2(rank)
+        module = wrapper
+    result = {"tied": [tied(wrapper)]}
     shard = step.shards[rank]
     batch = planner.collate(shard)
     batch["ref_logps"] = ref_logps(batch)
     loss, _ = module(batch)
     (loss * len(shard) * WORLD / step.num_prompts).backward()
-    with torch.no_grad():
-        for p in wrapper.parameters():
-            p -= LR * p.grad
+    optimizer = torch.optim.SGD(wrapper.parameters(), lr=LR)
+    optimizer.step()
+    result["tied"].append(tied(wrapper))
     loss_sum = torch.tensor([loss.item() * len(shard)], dtype=torch.float64)
     dist.all_reduce(loss_sum)
-    state = {}
-    for name, value in wrapper.model.state_dict().items():
-        state[name] = value.full_tensor() if hasattr(value, "full_tensor") else value.clone()
-    return loss_sum.item() / step.num_prompts, state
+    result.update(loss=loss_sum.item() / step.num_prompts, state=full_state(wrapper))
+    if mode == "accelerate_fsdp2":
+        # The trained full state dict into a fresh prepared wrapper, as accelerate loads one: assign=True unties
+        # the head; accelerate then calls tie_weights() where the model has it.
+        from accelerate.utils import fsdp2_load_full_state_dict
+
+        fresh, _ = accelerate_fsdp2(rank)
+        trained = {f"model.{name}": value for name, value in result["state"].items()}
+        fsdp2_load_full_state_dict(accelerator, fresh, trained)
+        if hasattr(fresh, "tie_weights"):
+            fresh.tie_weights()
+        result["tied"].append(tied(fresh))
+        with torch.no_grad():
+            result["round_trip"] = dict(state=full_state(fresh), loss=fresh(batch)[0].item(),
+                                        expected_loss=wrapper(batch)[0].item())
+    return result
 
 
 def worker(rank, init_file, mode, out_dir):
@@ -108,14 +152,14 @@ def worker(rank, init_file, mode, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=HANG_S // 2))
     try:
-        loss, state = sharded_step(rank, mode)
+        result = sharded_step(rank, mode)
         # DDP's reducer must die while the process group is still registered. If it outlives
         # destroy_process_group, it drops the group's last reference while holding the GIL; the group's
         # destructor then joins a gloo worker thread that needs the GIL to free its last finished work:
         # a deadlock, seen under CPU load (gdb: ~ProcessGroupGloo joining, runLoop in take_gil).
         gc.collect()
         if rank == 0:
-            torch.save({"loss": loss, "state": state}, os.path.join(out_dir, "out.pt"))
+            torch.save(result, os.path.join(out_dir, "out.pt"))
     finally:
         dist.destroy_process_group()
     # gloo's threads can abort interpreter finalisation ("terminate called without an active exception", seen in
@@ -126,20 +170,27 @@ def worker(rank, init_file, mode, out_dir):
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "accelerate_fsdp2"])
 def test_sharded_step_equals_single_process(mode):
+    """The tiny model's LM head is tied to its embedding: it must stay one parameter, updated by both uses."""
     print(f"seed {SEED}")
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(worker, args=(os.path.join(out_dir, "init"), mode, out_dir), nprocs=WORLD, join=True)
         result = torch.load(os.path.join(out_dir, "out.pt"))
     loss, state = single_process_step()
     assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert all(result["tied"]), f"the LM head untied (after sharding, the step, the round trip): {result['tied']}"
     initial = make_wrapper().model.state_dict()
     moved = 0
     for name, expected in state.items():
         torch.testing.assert_close(result["state"][name], expected, rtol=1e-5, atol=1e-6, msg=name)
         moved += int(not torch.equal(expected, initial[name]))
     assert moved > len(state) // 2, "the step must change most parameters for the comparison to mean something"
+    if mode == "accelerate_fsdp2":
+        round_trip = result["round_trip"]
+        for name, value in result["state"].items():
+            torch.testing.assert_close(round_trip["state"][name], value, rtol=0, atol=0, msg=name)
+        assert round_trip["loss"] == round_trip["expected_loss"]
 
 
 def test_planned_shards_are_unequal_and_weak_negatives_cross_ranks():

@@ -1,12 +1,22 @@
 """BatchPlanner: seeded token-budget plans, weak-negative pairing and the packed batch layout (DESIGN §9)."""
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from epa_kernels.transformers import BatchPlanner, PlannedPrompt, PreferenceDataError, PreferenceExample
-from epa_kernels.transformers.batching import IGNORE_INDEX
+from epa_kernels.transformers import (
+    BatchPlanner,
+    PlannedPrompt,
+    PlannedStep,
+    PreferenceDataError,
+    PreferenceExample,
+)
+from epa_kernels.transformers.batching import IGNORE_INDEX, plan_digest
 
 VOCAB = 320
 SEED = 1234
@@ -39,6 +49,30 @@ def example(row, prompt_len, *response_lens, start=10):
     prompt = tuple(range(start, start + prompt_len))
     responses = tuple(tuple(range(100 + 10 * j, 100 + 10 * j + n)) for j, n in enumerate(response_lens))
     return PreferenceExample(row, prompt, responses)
+
+
+def repeated_prompt_examples(num_prompts, seed=SEED):
+    """Pairwise expansions of ranked sets (SHP-like): each prompt has 1–4 rows, each row a pair of the prompt's
+    answers, rows of one prompt scattered through the data; some rows answer with another prompt's answer (so
+    an answer written for a prompt also exists elsewhere)."""
+    print(f"repeated_prompt_examples seed={seed}")
+    rng = random.Random(seed)
+    prompts, pools = set(), []
+    while len(prompts) < num_prompts:
+        prompt = tuple(rng.randrange(4, VOCAB) for _ in range(rng.randint(2, 5)))
+        if prompt not in prompts:
+            prompts.add(prompt)
+            pools.append((prompt, [tuple(rng.randrange(4, VOCAB) for _ in range(rng.randint(1, 5)))
+                                   for _ in range(4)]))
+    rows = []
+    for index, (prompt, answers) in enumerate(pools):
+        for _ in range(rng.randint(1, 4)):
+            pair = rng.sample(answers, 2)
+            if index % 3 == 1 and pools[index - 1][1][0] not in pair:  # the previous prompt's first answer
+                pair[1] = pools[index - 1][1][0]
+            rows.append((prompt, tuple(pair)))
+    rng.shuffle(rows)
+    return [PreferenceExample(row, prompt, responses) for row, (prompt, responses) in enumerate(rows)]
 
 
 def planned_examples(steps):
@@ -117,6 +151,59 @@ def test_batches_fit_the_token_budget(world_size, max_length):
                 assert tokens <= budget, f"epoch {epoch} step {step.index}: {tokens} tokens > {budget}"
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("prefix_sharing", [False, True], ids=["unshared", "shared"])
+def test_rows_of_one_prompt_stay_together(world_size, prefix_sharing):
+    examples = repeated_prompt_examples(15)
+    units = {}
+    for index, e in enumerate(examples):
+        units.setdefault(e.prompt, []).append(index)
+    assert max(map(len, units.values())) > 1 and len(units) < len(examples)
+    budget = 150  # any unit fits a batch: none is split
+    planner = BatchPlanner(examples, max_tokens_per_batch=budget, num_weak=2, seed=SEED, world_size=world_size,
+                           prefix_sharing=prefix_sharing)
+    orders = []
+    for epoch in range(3):
+        steps = planner.plan_epoch(epoch)
+        order = planned_examples(steps)
+        orders.append(order)
+        if world_size == 1:
+            assert sorted(order) == list(range(len(examples)))
+        for step in steps:
+            in_step = planned_examples([step])
+            for shard in step.shards:
+                rows = [p.example for p in shard]
+                assert planner.collate(shard)["input_ids"].numel() <= budget
+                for unit in units.values():
+                    here = [i for i, row in enumerate(rows) if row in unit]
+                    if not here:
+                        continue
+                    assert here == list(range(here[0], here[0] + len(here))), f"rows {unit} apart in {rows}"
+                    if len(here) < len(unit):  # only a last step spread over the ranks may split a unit
+                        assert step is steps[-1] and set(unit) <= set(in_step), (
+                            f"epoch {epoch} step {step.index}: rows {unit} of one prompt split: {rows}")
+    assert orders[0] != orders[1] != orders[2], "the order of units must change between epochs"
+    unshuffled = BatchPlanner(examples, max_tokens_per_batch=budget, shuffle=False).plan_epoch(0)
+    assert planned_examples(unshuffled) == [row for unit in units.values() for row in unit]
+
+
+def test_a_unit_starts_a_batch_rather_than_split_and_a_larger_one_is_split():
+    # 14 tokens a row, budget 30. Rows 1 and 3 share prompt X (28 tokens): they move to a batch of their own
+    # instead of 1 joining row 0. Rows 4–6 share prompt Z (42 tokens, more than a batch): split row by row.
+    prompts = {0: 0, 1: 50, 2: 60, 3: 50, 4: 70, 5: 70, 6: 70}
+    examples = [example(row, 2, 5, 5, start=start) for row, start in prompts.items()]
+    planner = BatchPlanner(examples, max_tokens_per_batch=30, shuffle=False)
+    steps = planner.plan_epoch(0)
+    assert [[p.example for p in step.shards[0]] for step in steps] == [[0], [1, 3], [2, 4], [5, 6]]
+    assert all(planner.collate(step.shards[0])["input_ids"].numel() <= 30 for step in steps)
+    capped = BatchPlanner(examples, max_tokens_per_batch=1000, max_prompts_per_batch=2, shuffle=False)
+    assert [[p.example for p in step.shards[0]] for step in capped.plan_epoch(0)] == [[0], [1, 3], [2, 4], [5, 6]]
+    # One batch spread over two ranks is cut between prompts (after X X), not in the middle (after X).
+    spread = BatchPlanner([examples[i] for i in (1, 3, 0)], max_tokens_per_batch=1000, world_size=2, shuffle=False)
+    (step,) = spread.plan_epoch(0)
+    assert [[p.example for p in shard] for shard in step.shards] == [[0, 1], [2]]
+
+
 def test_prompt_cap_limits_batches_on_top_of_the_budget():
     examples = make_examples(23, seed=SEED, prompt_len=(1, 3), response_len=(1, 3))
     capped = BatchPlanner(examples, max_tokens_per_batch=10_000, max_prompts_per_batch=4, seed=SEED)
@@ -179,6 +266,29 @@ def test_no_examples():
 # -- weak negatives -----------------------------------------------------------------------------------------------
 
 
+def check_weak_pairing(examples, steps, num_weak):
+    """Every weak negative: from the step, from a row with another prompt, not an answer any row gives this
+    prompt, drawn once; as many as asked unless the step has fewer."""
+    answers = {}
+    for e in examples:
+        answers.setdefault(e.prompt, set()).update(e.responses)
+    for step in steps:
+        in_step = [p.example for shard in step.shards for p in shard]
+        for shard in step.shards:
+            for planned in shard:
+                p = planned.example
+                prompt, own = examples[p].prompt, answers[examples[p].prompt]
+                available = sum(examples[q].prompt != prompt and response not in own
+                                for q in in_step for response in examples[q].responses)
+                assert len(planned.weak) == min(num_weak, available)
+                assert len(set(planned.weak)) == len(planned.weak), "a weak negative drawn twice"
+                for q, j in planned.weak:
+                    assert q in in_step, f"weak ({q}, {j}) for row {p} is not from the step"
+                    assert examples[q].prompt != prompt, f"weak ({q}, {j}) for row {p}: a row of the same prompt"
+                    assert 0 <= j < len(examples[q].responses)
+                    assert examples[q].responses[j] not in own, "a weak negative identical to an answer to the prompt"
+
+
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_weak_negative_pairing(world_size):
     examples = make_examples(24, shared_every=2)
@@ -187,20 +297,19 @@ def test_weak_negative_pairing(world_size):
     shared = sum(len(set(a.responses) & set(b.responses)) > 0 for a, b in zip(examples, examples[1:], strict=False))
     assert shared > 0, "the data must have identical responses across prompts"
     for epoch in range(2):
-        for step in planner.plan_epoch(epoch):
-            in_step = [p.example for shard in step.shards for p in shard]
-            for shard in step.shards:
-                for planned in shard:
-                    p = planned.example
-                    own = set(examples[p].responses)
-                    available = sum(examples[q].responses[j] not in own
-                                    for q in in_step if q != p for j in range(len(examples[q].responses)))
-                    assert len(planned.weak) == min(num_weak, available)
-                    assert len(set(planned.weak)) == len(planned.weak), "a weak negative drawn twice"
-                    for q, j in planned.weak:
-                        assert q != p and q in in_step, f"weak ({q}, {j}) for prompt {p} is not from the step"
-                        assert 0 <= j < len(examples[q].responses)
-                        assert examples[q].responses[j] not in own, "a weak negative identical to an own response"
+        check_weak_pairing(examples, planner.plan_epoch(epoch), num_weak)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_weak_negatives_never_come_from_rows_of_the_same_prompt(world_size):
+    examples = repeated_prompt_examples(12)
+    num_weak = 4
+    planner = BatchPlanner(examples, max_tokens_per_batch=200, num_weak=num_weak, seed=SEED, world_size=world_size)
+    for epoch in range(3):
+        steps = planner.plan_epoch(epoch)
+        assert any(len({examples[p.example].prompt for p in shard}) < len(shard)
+                   for step in steps for shard in step.shards), "steps must hold rows of one prompt"
+        check_weak_pairing(examples, steps, num_weak)
 
 
 def test_weak_count_is_capped_by_what_the_step_has():
@@ -241,6 +350,49 @@ def test_weak_sequence_is_prompt_then_other_response(max_length):
                 assert ids[cu[s] : cu[s + 1]] == expected, f"sequence {(q, j, p)}"
                 checked += q != p
     assert checked > 0
+
+
+# -- plan_digest --------------------------------------------------------------------------------------------------
+
+
+def digest(examples, **kwargs):
+    planner = BatchPlanner(examples, **{"max_tokens_per_batch": 200, "num_weak": 2, "seed": SEED, **kwargs})
+    return plan_digest(step for epoch in range(2) for step in planner.plan_epoch(epoch))
+
+
+def test_plan_digest_follows_the_plan():
+    examples = make_examples(30)
+    base = digest(examples)
+    assert len(base) == 32 and int(base, 16) >= 0
+    assert digest(examples) == base, "equal plans must give equal digests"
+    assert digest(examples, world_size=2) != base
+    assert digest(examples, seed=SEED + 1) != base
+    assert digest(examples, max_tokens_per_batch=250) != base
+    assert digest(examples, max_tokens_per_batch=10_000) == digest(examples, max_tokens_per_batch=20_000), (
+        "budgets that pack alike plan alike")
+    planner = BatchPlanner(examples, max_tokens_per_batch=200, num_weak=2, seed=SEED)
+    steps = planner.plan_epoch(0) + planner.plan_epoch(1)
+    assert plan_digest(steps) == base and plan_digest(steps[:3]) != base and plan_digest([]) != base
+    swapped = [steps[1], steps[0], *steps[2:]]
+    assert plan_digest(swapped) != base
+    first = steps[0].shards[0][0]
+    assert len(first.weak) == 2
+    fewer = PlannedStep(0, 0, ((PlannedPrompt(first.example, first.weak[:1]), *steps[0].shards[0][1:]),))
+    assert plan_digest([fewer, *steps[1:]]) != base, "the same rows with other weak pairings"
+
+
+def test_plan_digest_is_equal_across_processes():
+    """Another interpreter with another str-hash seed computes the same digest (no hash(), no ids)."""
+    examples = [(e.row, e.prompt, e.responses) for e in make_examples(30)]
+    code = ("from epa_kernels.transformers import BatchPlanner, PreferenceExample\n"
+            "from epa_kernels.transformers.batching import plan_digest\n"
+            f"examples = [PreferenceExample(*e) for e in {examples!r}]\n"
+            f"planner = BatchPlanner(examples, max_tokens_per_batch=200, num_weak=2, seed={SEED}, world_size=2)\n"
+            "print(plan_digest(step for epoch in range(2) for step in planner.plan_epoch(epoch)))\n")
+    hash_seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONHASHSEED": hash_seed}, cwd=Path(__file__).parents[1])
+    assert result.stdout.strip() == digest(make_examples(30), world_size=2)
 
 
 # -- collate ------------------------------------------------------------------------------------------------------

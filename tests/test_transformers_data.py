@@ -18,8 +18,8 @@ from epa_kernels.transformers.data import (
     PreferenceDataError,
     PreferenceExample,
     PreferenceTokenizer,
-    read_preference_rows,
 )
+from epa_kernels.transformers.reading import read_preference_rows
 
 EOS, BOS = 3, 1
 
@@ -278,14 +278,17 @@ def test_concatenation_reproduces_whole_random_splits(tok):
         other = rng.choice(texts)
         rows.append({"prompt": "Q: " + text[:cut], "chosen": text[cut:], "rejected": other[: rng.randrange(1, 20)]})
     rows = [r for r in rows if r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]]
-    examples, _ = run(tok, rows)
-    merged = 0
+    examples, stats = run(tok, rows)
+    merged = shifted = 0
     for row, example in zip(rows, examples, strict=True):
-        merged += len(example.prompt) < len(ids(tok, row["prompt"]))
+        prompt_alone = ids(tok, row["prompt"])
+        merged += len(example.prompt) < len(prompt_alone)
         for text, response in zip((row["chosen"], row["rejected"]), example.responses, strict=True):
             assert list(example.prompt) + list(response) == ids(tok, row["prompt"] + text) + [EOS]
             assert response[-1] == EOS and list(response).count(EOS) == 1
+            shifted += ids(tok, row["prompt"] + text)[: len(prompt_alone)] != prompt_alone
     assert merged > 0  # some prompts' last tokens merged with the response (the case TRL's rule is for)
+    assert stats.boundary_shifts == shifted  # one per response whose tokens do not start with the prompt's
 
 
 def test_merge_at_boundary(tok):
@@ -392,8 +395,11 @@ def test_both_limits_conversational(tok):
     row = {"prompt": prompt, "chosen": [msg("assistant", "Sunlight scatters off air molecules.")],
            "rejected": [msg("assistant", "I love this.")]}
     (a,), _ = run(tok, [row])
-    (b,), stats = run(tok, [row], max_prompt_length=10, max_length=16)
-    assert b.prompt == a.prompt[-10:]
+    (b,), stats = run(tok, [row], max_prompt_length=20, max_length=26)
+    # the template's header before the first message's content is kept, then the end of the prompt
+    header = ids(tok, "<|im_start|>system\n")
+    assert list(a.prompt[: len(header)]) == header and len(a.prompt) > 20
+    assert b.prompt == a.prompt[: len(header)] + a.prompt[-(20 - len(header)):]
     # the end of the prompt is the generation prompt, next to the response
     user = [msg("user", "x")]
     generation_prompt = chat(tok, user, generation_prompt=True)[len(chat(tok, user)):]
@@ -402,10 +408,60 @@ def test_both_limits_conversational(tok):
     assert stats.prompts_truncated == 1 and stats.responses_truncated == 2
 
 
+def _template_tokenizer(template):
+    """A fresh copy of the tiny tokenizer with another chat template (the cached one is not touched)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer.from_str(tiny_tokenizer().backend_tokenizer.to_str())
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<|pad|>", bos_token="<|bos|>",
+                                   eos_token="<|im_end|>")
+    fast.chat_template = template
+    return fast
+
+
+def test_max_prompt_length_keeps_header(tok, bos_tok):
+    # plain text: the leading special tokens (BOS) stay, then the end of the prompt
+    rows = _long_rows()
+    full, _ = run(bos_tok, rows)
+    examples, stats = run(bos_tok, rows, max_prompt_length=8)
+    for a, b in zip(full, examples, strict=True):
+        assert a.prompt[0] == BOS and b.prompt[0] == BOS and b.responses == a.responses
+        assert b.prompt == (a.prompt if len(a.prompt) <= 8 else (BOS, *a.prompt[-7:]))
+    assert stats.prompts_truncated == 2
+    # no special token in front: the end alone, as before
+    assert run(tok, rows, max_prompt_length=8)[0][0].prompt == run(tok, rows)[0][0].prompt[-8:]
+    # a template with BOS and a default system prompt: both are the header of a conversation starting with the user
+    template = ("{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n"
+                "{% endif %}" + CHAT_TEMPLATE)
+    llama = _template_tokenizer(template)
+    row = {"prompt": [msg("user", "Why is the sky blue? Tell me why, really."), msg("assistant", "Sunlight."),
+                      msg("user", "Tell me more.")],
+           "chosen": [msg("assistant", "It scatters.")], "rejected": [msg("assistant", "No.")]}
+    (a,), _ = run(llama, [row])
+    header = [BOS, *ids(llama, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")]
+    assert list(a.prompt[: len(header)]) == header and len(a.prompt) > len(header) + 5
+    (b,), stats = run(llama, [row], max_prompt_length=len(header) + 5)
+    assert b.prompt == a.prompt[: len(header)] + a.prompt[-5:] and stats.prompts_truncated == 1
+    # a header that alone fills max_prompt_length: the end is kept
+    (b,), _ = run(llama, [row], max_prompt_length=len(header))
+    assert b.prompt == a.prompt[-len(header):]
+
+
+def test_max_prompt_length_none_is_no_cap(tok, bos_tok):
+    rows = [pair("Why is the sky blue? " * 20), conv_pair("Who wrote Hamlet? " * 20)]
+    for tokenizer in (tok, bos_tok):
+        full, _ = run(tokenizer, rows)
+        assert len(full[0].prompt) > 100 and len(full[1].prompt) > 100
+        for max_length in (None, 400):
+            examples, stats = run(tokenizer, rows, max_prompt_length=None, max_length=max_length)
+            assert examples == full and stats.prompts_truncated == 0 and stats.responses_truncated == 0
+
+
 def test_prompt_leaving_no_room_is_error(tok):
     rows = [pair("Hi?"), pair("Why is the sky blue? " * 4)]
     message = error_of(tok, rows, "row 1", "'prompt'", "max_length=12", max_length=12)
-    assert "max_prompt_length" in message
+    assert "max_prompt_length" in message and "header" in message
     # max_prompt_length makes room
     examples, stats = run(tok, rows, max_length=12, max_prompt_length=8)
     assert all(len(e.prompt) + len(r) <= 12 for e in examples for r in e.responses)

@@ -1,6 +1,6 @@
 """PreferenceModel on tiny random transformers LMs against the model's own logits, each sequence run alone (DESIGN §5,
 §9): values and every parameter's gradient, packing per attention backend, head transforms and the probe, the
-reference model, bf16 autocast."""
+reference model, dropout, tied weights, bf16 autocast."""
 import copy
 import math
 import random
@@ -18,6 +18,7 @@ from epa_kernels.transformers import (
     LogitTransform,
     PreferenceExample,
     PreferenceModel,
+    disable_dropout,
     logit_transform,
 )
 from epa_kernels.transformers.model import check_fused_head, decoder_and_head
@@ -394,6 +395,72 @@ def test_parameters_and_state_dict_hold_the_policy_once():
     assert [name for name, _ in wrapper.named_children()] == ["model"]
     wrapper.train()
     assert policy.training and not ref_lm.training, "train() must leave the reference in eval mode"
+
+
+# -- dropout and tied weights -------------------------------------------------------------------------------------
+
+
+def drop_fields(config):
+    return {name: value for name, value in vars(config).items() if "drop" in name and isinstance(value, float)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dropout_is_off_by_default(arch):
+    """Every dropout probability of the config at 0.5 (Llama's is applied by the attention function, GPT-NeoX also has
+    nn.Dropout modules): the policy in train mode computes the eval-mode loss, as the reference does; with
+    disable_dropout=False two forwards differ."""
+    fields = dict.fromkeys(drop_fields(tiny_config(arch)), 0.5)
+    assert "attention_dropout" in fields
+    batch = make_batch()
+    wrapper = PreferenceModel(tiny(arch, **fields), loss="epa", beta=0.5).train()
+    losses = [wrapper(batch)[0].item() for _ in range(2)]
+    assert losses == [wrapper.eval()(batch)[0].item()] * 2
+    assert set(drop_fields(wrapper.config).values()) == {0.0}
+
+    kept = PreferenceModel(tiny(arch, **fields), loss="epa", beta=0.5, disable_dropout=False).train()
+    assert kept(batch)[0].item() != kept(batch)[0].item()
+    assert drop_fields(kept.config) == fields
+
+
+def test_disable_dropout_reaches_modules_and_nested_configs():
+    """Dropout modules of every kind, float "drop" attributes of any module, sub-configs; flags and counts stay."""
+    from transformers import Gemma3Config
+
+    lm = tiny("gpt_neox", hidden_dropout=0.5, attention_dropout=0.5)
+    vision_language = nn.Module()  # a module holding a composite config, as a vision tower would
+    vision_language.config = Gemma3Config(text_config={"attention_dropout": 0.4},
+                                          vision_config={"attention_dropout": 0.3})
+    lm.extra = nn.ModuleList([nn.Dropout2d(0.3), nn.AlphaDropout(0.2), nn.MultiheadAttention(8, 2, dropout=0.1),
+                              vision_language])
+    lm.config.token_dropout, lm.config.dropped_layers = True, 3
+    assert disable_dropout(lm) is lm
+    assert [m.p for m in lm.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d, nn.AlphaDropout))] == [0.0] * 7
+    assert lm.extra[2].dropout == 0.0 and lm.config.hidden_dropout == 0.0
+    assert vision_language.config.text_config.attention_dropout == 0.0
+    assert vision_language.config.vision_config.attention_dropout == 0.0
+    assert lm.config.token_dropout is True and lm.config.dropped_layers == 3
+    assert all(layer.attention.attention_dropout == 0.0 for layer in lm.gpt_neox.layers)
+
+
+def test_tie_weights_reties_a_head_untied_by_loading():
+    """A tied model moved to the meta device, or loaded with assign=True (both done by accelerate's FSDP2
+    preparation), has a head weight of its own until tie_weights(); an untied model stays untied."""
+    wrapper = PreferenceModel(tiny("llama_tied"))
+    embedding = wrapper.model.get_input_embeddings()
+    state = {key: value.clone() for key, value in wrapper.state_dict().items()}
+    wrapper.load_state_dict(state, assign=True)
+    assert wrapper.head.weight is not embedding.weight
+    wrapper.tie_weights()
+    assert wrapper.head is wrapper.model.lm_head and wrapper.head.weight is embedding.weight
+    torch.testing.assert_close(embedding.weight, state["model.model.embed_tokens.weight"], rtol=0, atol=0)
+    wrapper.to("meta")
+    assert wrapper.head.weight is not embedding.weight
+    wrapper.tie_weights()
+    assert wrapper.head.weight is embedding.weight and wrapper.head.weight.is_meta
+
+    untied = PreferenceModel(tiny("llama"))
+    untied.tie_weights()
+    assert untied.head.weight is not untied.model.get_input_embeddings().weight
 
 
 # -- bf16 autocast ------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Training integration for transformers causal LMs (DESIGN §9): the pieces any loop needs.
 
 - `PreferenceModel`: a causal LM whose forward(batch) returns the fused preference loss, never logits;
+  `disable_dropout`: all of a model's dropout off, as the policy trains;
 - `read_preference_rows`, `PreferenceTokenizer`: TRL-format preference data → tokenized examples;
 - `BatchPlanner`: token-budget steps, seeded weak negatives, the packed batch layout;
 - `ReferenceCache`, `fill_reference_cache`: reference log-probs computed once and kept on disk;
@@ -12,10 +13,10 @@ from epa_kernels.transformers.data import (
     PreferenceDataError,
     PreferenceExample,
     PreferenceTokenizer,
-    read_preference_rows,
 )
 from epa_kernels.transformers.linearity import LinearityReport, linearity_report, win_rate
-from epa_kernels.transformers.model import LogitTransform, PreferenceModel, logit_transform
+from epa_kernels.transformers.model import LogitTransform, PreferenceModel, disable_dropout, logit_transform
+from epa_kernels.transformers.reading import read_preference_rows
 from epa_kernels.transformers.reference_cache import (
     ReferenceCache,
     data_fingerprint,
@@ -26,6 +27,6 @@ from epa_kernels.transformers.reference_cache import (
 __all__ = [
     "BatchPlanner", "DataStats", "LinearityReport", "LogitTransform", "PlannedPrompt", "PlannedStep",
     "PreferenceDataError", "PreferenceExample", "PreferenceModel", "PreferenceTokenizer", "ReferenceCache",
-    "data_fingerprint", "fill_reference_cache", "linearity_report", "logit_transform", "model_fingerprint",
-    "read_preference_rows", "win_rate",
+    "data_fingerprint", "disable_dropout", "fill_reference_cache", "linearity_report", "logit_transform",
+    "model_fingerprint", "read_preference_rows", "win_rate",
 ]

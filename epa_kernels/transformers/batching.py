@@ -2,20 +2,25 @@
 
 A *plan* fixes, from the seed alone, which prompts each rank trains on at each step and which responses of
 other prompts each prompt scores as weak negatives: the reference pass and the training loop walk the same
-plan, and a resumed run continues it at its step. Every sequence has a stable key
-`(source prompt, response index, prompt it is scored under)` — `(p, j, p)` for a prompt's own responses,
-`(q, j, p)` for the weak negative prompt_p ⊕ response_j of prompt q — which the reference cache is keyed by.
+plan, and a resumed run continues it at its step (`plan_digest` checks that it is the same plan). Every sequence
+has a stable key `(source row, response index, row it is scored under)` — `(p, j, p)` for a row's own responses,
+`(q, j, p)` for the weak negative prompt_p ⊕ response_j of row q — which the reference cache is keyed by.
 
-Batches hold as many prompts as fit `max_tokens_per_batch` tokens (prompt + responses, weak negatives counted
-at their longest), so long and short examples mix without padding. Weak negatives are drawn without
-replacement from the responses of the step's *other* prompts, on every rank (the plan is global), seeded by
-(seed, epoch, step, prompt). `collate` packs a batch into one row: input_ids [1, N], position_ids restarting at
-0 per sequence, cu_seqlens [S+1], targets [N] (the next token at response positions only), groups [P, G].
+Rows that repeat a prompt (identical token ids: SHP, pairwise expansions of ranked sets) stay adjacent in every
+epoch's order — the seeded shuffle moves *units* of same-prompt rows — and a unit that fits a batch is not split
+(unless a short last step must give every rank a row), so with prefix sharing its prompt is encoded once for all its
+rows' responses. Batches hold as many rows as fit `max_tokens_per_batch` tokens (prompt + responses, weak negatives
+counted at their longest), so long and short examples mix without padding. Weak negatives are drawn without
+replacement from the responses of the step's rows with *other* prompts, on every rank (the plan is global), seeded
+by (seed, epoch, step, row); a response that any row gives this prompt is never one. `collate` packs a batch into
+one row: input_ids [1, N], position_ids restarting at 0 per sequence, cu_seqlens [S+1], targets [N] (the next token
+at response positions only), groups [P, G].
 """
 from __future__ import annotations
 
+import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +61,8 @@ class BatchPlanner:
     max_tokens_per_batch: tokens per rank per step (an upper bound, checked before training); num_weak: W weak
     negatives per prompt; max_length: cap on each prompt ⊕ response (weak ones included; keeps the response's
     start); world_size: ranks sharing each step (a final step with fewer prompts than ranks is dropped: ranks
-    must stay in step); shuffle: a seeded new order each epoch (else the data's order); max_prompts_per_batch:
+    must stay in step); shuffle: a seeded new order each epoch (else the data's order), rows repeating a prompt
+    kept next to its first row either way; max_prompts_per_batch:
     an optional cap on prompts per rank per step on top of the token budget (e.g. to give runs with different
     numbers of responses per prompt the same number of updates); prefix_sharing: pack each prompt once for all
     the responses scored under it (`prefix_sharing.py`), and count the budget that way.
@@ -90,6 +96,13 @@ class BatchPlanner:
                 if len(e.prompt) >= max_length:
                     raise PreferenceDataError(f"row {e.row}: its prompt ({len(e.prompt)} tokens) leaves no room for a "
                                               f"response within max_length={max_length}")
+        # Units of rows with identical prompt ids (first-row order), and every response any row gives a prompt:
+        # the plan keeps a unit together, and a weak negative is never an answer written for the prompt.
+        units, self._answers = {}, {}
+        for index, e in enumerate(self.examples):
+            units.setdefault(e.prompt, []).append(index)
+            self._answers.setdefault(e.prompt, set()).update(e.responses)
+        self._units = list(units.values())
         longest_response = max(len(r) for e in self.examples for r in e.responses)
         self._cost = [self._example_cost(e, longest_response) for e in self.examples]
         worst = max(range(len(self.examples)), key=self._cost.__getitem__)
@@ -114,18 +127,33 @@ class BatchPlanner:
     # -- planning -------------------------------------------------------------------------------------------
 
     def plan_epoch(self, epoch: int) -> list[PlannedStep]:
-        """The epoch's steps: prompts in a seeded order, packed greedily into per-rank token-budget batches."""
-        order = list(range(len(self.examples)))
+        """The epoch's steps: units of same-prompt rows (and the rows within each) in a seeded order, packed
+        greedily into per-rank token-budget batches. A unit that fits an empty batch starts one rather than being
+        split; a larger one is split row by row. Without repeated prompts every unit is one row: row-greedy."""
+        units = [list(unit) for unit in self._units]
         if self.shuffle:
-            _rng("order", self.seed, epoch).shuffle(order)
+            rng = _rng("order", self.seed, epoch)
+            rng.shuffle(units)
+            for unit in units:  # a unit split over batches mixes differently each epoch (single rows draw nothing)
+                rng.shuffle(unit)
         batches, current, used = [], [], 0
-        for index in order:
-            full = self.max_prompts is not None and len(current) == self.max_prompts
-            if current and (full or used + self._cost[index] > self.max_tokens):
+
+        def fits(rows, tokens):
+            return used + tokens <= self.max_tokens and (self.max_prompts is None
+                                                         or len(current) + rows <= self.max_prompts)
+
+        for unit in units:
+            tokens = sum(self._cost[index] for index in unit)
+            whole = tokens <= self.max_tokens and (self.max_prompts is None or len(unit) <= self.max_prompts)
+            if current and whole and not fits(len(unit), tokens):
                 batches.append(current)
                 current, used = [], 0
-            current.append(index)
-            used += self._cost[index]
+            for index in unit:
+                if current and not fits(1, self._cost[index]):
+                    batches.append(current)
+                    current, used = [], 0
+                current.append(index)
+                used += self._cost[index]
         batches.append(current)
 
         steps = []
@@ -137,12 +165,22 @@ class BatchPlanner:
                 while len(shards) < self.world_size:  # halves of a batch stay within its budget
                     largest = max(range(len(shards)), key=lambda r: len(shards[r]))
                     shard = shards.pop(largest)
-                    shards[largest:largest] = [shard[: len(shard) // 2], shard[len(shard) // 2 :]]
+                    cut = self._halve(shard)
+                    shards[largest:largest] = [shard[:cut], shard[cut:]]
             steps.append(self._draw_weak(epoch, len(steps), shards))
         return steps
 
+    def _halve(self, shard) -> int:
+        """Where to cut a batch of ≥ 2 rows in two: the boundary between prompts nearest its middle (a unit
+        stays whole), or the middle when every row has one prompt."""
+        middle = len(shard) // 2
+        boundaries = [i for i in range(1, len(shard))
+                      if self.examples[shard[i]].prompt != self.examples[shard[i - 1]].prompt]
+        return min(boundaries, key=lambda i: (abs(i - middle), i), default=middle)
+
     def _draw_weak(self, epoch, step, shards) -> PlannedStep:
-        """Pair each prompt with W responses of the step's other prompts (all ranks), seeded per prompt."""
+        """Pair each row with W responses of the step's rows (all ranks) with another prompt, seeded per row.
+        Prompts compare by token ids, not rows: a data set may hold several rows per prompt."""
         pool = [(q, j) for shard in shards for q in shard for j in range(len(self.examples[q].responses))]
         planned = []
         for shard in shards:
@@ -150,9 +188,10 @@ class BatchPlanner:
             for p in shard:
                 weak = ()
                 if self.num_weak:
-                    own = set(self.examples[p].responses)
-                    candidates = [(q, j) for q, j in pool
-                                  if q != p and self.examples[q].responses[j] not in own]
+                    prompt = self.examples[p].prompt
+                    own = self._answers[prompt]
+                    candidates = [(q, j) for q, j in pool if self.examples[q].prompt != prompt
+                                  and self.examples[q].responses[j] not in own]
                     count = min(self.num_weak, len(candidates))
                     weak = tuple(_rng("weak", self.seed, epoch, step, p).sample(candidates, count))
                 prompts.append(PlannedPrompt(p, weak))
@@ -187,12 +226,12 @@ class BatchPlanner:
             total += (len(prompt) - 1 + responses) if self.prefix_sharing else len(group) * len(prompt) + responses
         return total
 
-    @staticmethod
-    def _segments(keys):
-        """Runs of consecutive keys scored under the same prompt: [(prompt example, [keys])]."""
+    def _segments(self, keys):
+        """Runs of consecutive keys scored under identical prompt ids, from one row or several: [(row of the
+        run's first key, [keys])]."""
         runs = []
         for key in keys:
-            if runs and runs[-1][0] == key[2]:
+            if runs and self.examples[runs[-1][0]].prompt == self.examples[key[2]].prompt:
                 runs[-1][1].append(key)
             else:
                 runs.append((key[2], [key]))
@@ -202,7 +241,8 @@ class BatchPlanner:
         """Pack sequences into one row: input_ids / position_ids [1, N], cu_seqlens [S+1] int32, targets [N],
         keys [S, 3], max_seqlen. The target of a position is the next token, counted at response positions
         only (from the last prompt token to the token before the last). With prefix sharing, consecutive keys
-        under one prompt share it (`pack_prefix_shared`: adds cu_segments and branch_ids)."""
+        under identical prompt ids (one row's or several rows') share one encoding of it (`pack_prefix_shared`:
+        adds cu_segments and branch_ids)."""
         if self.prefix_sharing:
             segments = [(self.examples[under].prompt, [self.sequence_tokens(key)[1] for key in group])
                         for under, group in self._segments(keys)]
@@ -253,3 +293,13 @@ class BatchPlanner:
         batch.update(groups=groups.to(device), num_strong=num_strong, num_prompts=len(prompts),
                      scores=None if scores is None else scores.to(device))
         return batch
+
+
+def plan_digest(steps: Iterable[PlannedStep]) -> str:
+    """Hex blake2b of the steps (epoch, index, every shard's rows and their weak pairings), equal for equal plans
+    in any process: a resumed run compares the digest of the steps it took with its plan's."""
+    digest = hashlib.blake2b(digest_size=16)
+    for step in steps:
+        shards = tuple(tuple((planned.example, planned.weak) for planned in shard) for shard in step.shards)
+        digest.update(repr((step.epoch, step.index, shards)).encode() + b"\n")  # ints and tuples: a stable repr
+    return digest.hexdigest()

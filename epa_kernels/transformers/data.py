@@ -1,6 +1,7 @@
 """Preference data in TRL's formats → tokenized examples: one prompt, its responses, positive first (DESIGN §9).
 
-Formats (the columns of the first row decide; every row must have them):
+Formats (the columns of the first row decide, with invalid_rows="skip" those of the first row that has a format's
+columns; every row must have them):
 - pairwise / multi-negative: `prompt`, `chosen`, `rejected`, where `rejected` is one response or a list
   (K strong negatives, ragged K allowed);
 - ranked: `prompt`, `completions`, `scores` (for `infonca`, `nca`, `plackett_luce`; with the other losses the
@@ -10,24 +11,26 @@ Formats (the columns of the first row decide; every row must have them):
   conversational `chosen`/`rejected` share their prompt as the common leading messages (TRL's implicit prompt).
 
 Tokenization follows TRL: the prompt and each prompt ⊕ response are tokenized whole and the response starts
-where they diverge, so tokens that merge across the boundary stay right. Standard-format responses get the EOS
-token appended; conversational ones end with whatever the chat template closes a turn with.
-Truncation: `max_prompt_length` keeps the *end* of the prompt (the part next to the response);
-`max_length` then keeps the *start* of each response so prompt + response ≤ max_length. A prompt that leaves no
-room for a single response token is an error, as are empty responses and a positive identical to a negative.
+where they diverge, so tokens that merge across the boundary stay right (such a shift is counted, not silent).
+Standard-format responses get the EOS token appended; conversational ones end with whatever the chat template
+closes a turn with.
+Truncation: `max_prompt_length` keeps the prompt's *header* and its *end* (the part next to the response) and
+cuts what lies between: header + prompt[-(max_prompt_length - len(header)):]. The header is what the chat template
+renders before the first message's content (BOS, a default system prompt, the first role's marker), or for a
+plain-text prompt its leading special tokens (BOS); a header that alone fills max_prompt_length is not kept (the
+end is). `max_length` then keeps the *start* of each response so prompt + response ≤ max_length.
+Rows that cannot train (missing columns, an empty response, a negative identical to the positive, a prompt that
+leaves no room for a response) are errors, or dropped and counted with `invalid_rows="skip"`; a negative with the
+same tokens as an earlier one is always merged into it (it would weigh double in the loss).
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 PAIRWISE_COLUMNS = ("prompt", "chosen", "rejected")
 RANKED_COLUMNS = ("prompt", "completions", "scores")
-LIST_COLUMNS = ("rejected", "completions", "scores", "chosen", "prompt")
 
 
 class PreferenceDataError(ValueError):
@@ -45,87 +48,35 @@ class PreferenceExample:
     scores: tuple[float, ...] | None = None
 
 
+DETAIL_LINES = 20  # DataStats.details keeps this many lines: the counts say how many events there were
+
+
 @dataclass
 class DataStats:
-    """What tokenization changed, for the log: nothing here is silent."""
+    """What tokenization changed or dropped, for the log: nothing here is silent.
+
+    rows: rows read; rows_dropped: rows that gave no example (invalid_rows="skip": a skipped row, or one left with
+    no negative); skipped: reason → rows or negatives dropped for it under "skip" (missing_columns, empty_response,
+    negative_identical_to_positive, no_room_for_response); duplicate_negatives_merged: negatives with the same
+    tokens as an earlier one of their row; boundary_shifts: kept responses whose prompt ⊕ response tokens do not
+    start with the prompt's own tokens; details: the first DETAIL_LINES events of these kinds, each naming its row.
+    """
 
     rows: int = 0
     prompts_truncated: int = 0
     responses_truncated: int = 0
     negatives_capped: int = 0
     tied_negatives_dropped: int = 0
+    rows_dropped: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    duplicate_negatives_merged: int = 0
+    boundary_shifts: int = 0
     details: list[str] = field(default_factory=list)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading rows
-
-
-def read_preference_rows(source, *, split: str = "train") -> list[dict]:
-    """Rows as dicts from a .jsonl / .json / .parquet / .csv file, a `datasets.save_to_disk` directory, a
-    `datasets.Dataset(Dict)` or a list of dicts. CSV cells are strings as written, except that a cell of a list
-    column (rejected, completions, scores, a conversational prompt/chosen) holding a JSON list is parsed."""
-    if isinstance(source, list):
-        return [dict(row) for row in source]
-    if not isinstance(source, (str, Path)):
-        return _dataset_rows(source, split)
-    path = Path(source).expanduser()
-    if path.is_dir():
-        import datasets
-
-        return _dataset_rows(datasets.load_from_disk(str(path)), split)
-    if not path.is_file():
-        raise PreferenceDataError(f"{source}: no such file or datasets directory")
-    suffix = "".join(path.suffixes[-2:]).lower()
-    if suffix.endswith((".jsonl", ".ndjson")):
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [_json_object(line, path, i) for i, line in enumerate(lines) if line.strip()]
-    if suffix.endswith(".json"):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and isinstance(data.get(split), list):
-            data = data[split]
-        if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-            raise PreferenceDataError(f"{path}: expected a JSON list of objects (one per row)")
-        return data
-    if suffix.endswith((".parquet", ".pq")):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    if suffix.endswith(".csv"):
-        with path.open(newline="", encoding="utf-8") as handle:
-            return [{key: _csv_cell(key, value) for key, value in row.items()} for row in csv.DictReader(handle)]
-    raise PreferenceDataError(f"{path}: unknown file type (expected .jsonl, .json, .parquet, .csv or a directory)")
-
-
-def _dataset_rows(dataset, split):
-    """A datasets.Dataset's rows; a DatasetDict's `split`."""
-    if not hasattr(dataset, "to_list") and not hasattr(dataset, "keys"):
-        raise PreferenceDataError(f"cannot read preference rows from a {type(dataset).__name__}: expected a file path, "
-                                  "a datasets directory, a datasets.Dataset(Dict) or a list of dicts")
-    if not hasattr(dataset, "column_names") or isinstance(dataset.column_names, Mapping):  # a DatasetDict
-        if split not in dataset:
-            raise PreferenceDataError(f"no split {split!r} in the dataset (splits: {list(dataset.keys())})")
-        dataset = dataset[split]
-    return dataset.to_list()
-
-
-def _json_object(line, path, index):
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise PreferenceDataError(f"{path}: line {index + 1} is not valid JSON ({error})") from error
-    if not isinstance(row, dict):
-        raise PreferenceDataError(f"{path}: line {index + 1} is not a JSON object")
-    return row
-
-
-def _csv_cell(column, value):
-    if column in LIST_COLUMNS and isinstance(value, str) and value.lstrip().startswith("["):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
+    def note(self, line: str) -> None:
+        """Keep `line` for the log, up to DETAIL_LINES lines."""
+        if len(self.details) < DETAIL_LINES:
+            self.details.append(line)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,18 +88,27 @@ def _is_conversation(value) -> bool:
         isinstance(m, Mapping) and "role" in m and "content" in m for m in value)
 
 
-def _row_format(row: Mapping) -> str:
-    _check_mapping(row, 0)
+def _row_format(row: Mapping) -> str | None:
     if all(c in row for c in RANKED_COLUMNS):
         return "ranked"
     if all(c in row for c in PAIRWISE_COLUMNS):
         return "pairwise"
     if "prompt" not in row and "chosen" in row and "rejected" in row:
         return "implicit"
-    have = sorted(row.keys())
+    return None
+
+
+def _data_format(rows: Sequence, scan: bool) -> tuple[str, int]:
+    """(format, the row it is read from): the first row's; scan: the first row that has some format's columns
+    (the rows before it lack columns, which invalid_rows="skip" drops)."""
+    for index, row in enumerate(rows if scan else rows[:1]):
+        _check_mapping(row, index)
+        fmt = _row_format(row)
+        if fmt is not None:
+            return fmt, index
     raise PreferenceDataError(
         f"row 0: missing columns; need {list(PAIRWISE_COLUMNS)} (rejected: one response or a list), "
-        f"{list(RANKED_COLUMNS)}, or conversational chosen/rejected with an implicit prompt; got {have}")
+        f"{list(RANKED_COLUMNS)}, or conversational chosen/rejected with an implicit prompt; got {sorted(rows[0])}")
 
 
 def _check_mapping(row, index):
@@ -238,13 +198,23 @@ class PreferenceTokenizer:
     """Turns rows into `PreferenceExample`s with TRL's tokenization and this module's truncation rule.
 
     max_length: cap on prompt + response tokens (each sequence); max_prompt_length: cap on the prompt (keeps its
-    end); max_negatives: keep at most K strong negatives per prompt (the first K as written; ranked: the best K
-    strictly worse than the positive); needs_scores: the loss needs ranked data (infonca, plackett_luce);
-    strict_positive: drop negatives scored equal to the best (a loss that needs a single positive).
+    header and its end; None: no cap); max_negatives: keep at most K strong negatives per prompt (the first K as
+    written, not counting those dropped or merged; ranked: the best K strictly worse than the positive);
+    needs_scores: the loss needs ranked data (infonca, plackett_luce); strict_positive: drop negatives scored equal
+    to the best (a loss that needs a single positive).
+    invalid_rows: what to do with data that cannot train — "error" (raise, naming the row and column) or "skip":
+    a row missing a column (or holding None in one), with an empty positive, or whose prompt leaves no room for a
+    response within max_length is dropped; an empty negative or one identical to the positive (after truncation) is
+    dropped, and the row with it when no negative is left. Each is counted in `DataStats.skipped` by reason; the
+    examples keep their source `row`; every row dropped is an error. Wrong types, an unknown format or a loss that
+    needs scores on pairwise data are errors either way.
+    Always: a negative with the same tokens as an earlier one of its row (after truncation) is merged into it
+    (counted), and a prompt whose own tokens are not a prefix of prompt ⊕ response is counted as a boundary shift.
     """
 
     def __init__(self, tokenizer, *, max_length: int | None = None, max_prompt_length: int | None = None,
-                 max_negatives: int | None = None, needs_scores: bool = False, strict_positive: bool = True):
+                 max_negatives: int | None = None, needs_scores: bool = False, strict_positive: bool = True,
+                 invalid_rows: str = "error"):
         for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length),
                             ("max_negatives", max_negatives)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -252,27 +222,40 @@ class PreferenceTokenizer:
         if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
             raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length}) to "
                              "leave room for a response")
+        if invalid_rows not in ("error", "skip"):
+            raise ValueError(f"invalid_rows must be 'error' or 'skip', got {invalid_rows!r}")
         self.tokenizer = tokenizer
         self.max_length, self.max_prompt_length, self.max_negatives = max_length, max_prompt_length, max_negatives
-        self.needs_scores, self.strict_positive = needs_scores, strict_positive
+        self.needs_scores, self.strict_positive, self.invalid_rows = needs_scores, strict_positive, invalid_rows
 
     def __call__(self, rows: Sequence[Mapping]) -> tuple[list[PreferenceExample], DataStats]:
         if len(rows) == 0:
             raise PreferenceDataError("the preference data has no rows")
-        fmt = _row_format(rows[0])
+        fmt, first = _data_format(rows, scan=self.invalid_rows == "skip")
         if self.needs_scores and fmt != "ranked":
             raise PreferenceDataError(f"this loss needs scores: use the ranked format {list(RANKED_COLUMNS)}; "
-                                      f"the data has columns {sorted(rows[0].keys())}")
+                                      f"the data has columns {sorted(rows[first].keys())}")
         stats = DataStats(rows=len(rows))
-        examples = [self._example(row, index, fmt, stats) for index, row in enumerate(rows)]
+        examples = []
+        for index, row in enumerate(rows):
+            example = self._example(row, index, fmt, stats)
+            if example is None:
+                stats.rows_dropped += 1
+            else:
+                examples.append(example)
+        if not examples:
+            raise PreferenceDataError(f"every row ({len(rows)}) was dropped (invalid_rows='skip'; by reason: "
+                                      f"{stats.skipped}), e.g. {stats.details[0]}")
         return examples, stats
 
-    def _example(self, row, index, fmt, stats) -> PreferenceExample:
+    def _example(self, row, index, fmt, stats) -> PreferenceExample | None:
+        """The row's example; None when invalid_rows="skip" drops the row."""
         _check_mapping(row, index)
         expected = {"ranked": RANKED_COLUMNS, "pairwise": PAIRWISE_COLUMNS, "implicit": ("chosen", "rejected")}[fmt]
         missing = [c for c in expected if c not in row or row[c] is None]
         if missing:
-            raise PreferenceDataError(f"row {index}: missing column(s) {missing} (the first row's format is {fmt})")
+            return self._invalid(stats, "missing_columns", f"row {index}: missing column(s) {missing} (the data's "
+                                 f"format is {fmt})", "the row")
         if fmt == "implicit":
             row = _split_implicit_prompt(row, index)
         prompt = row["prompt"]
@@ -285,10 +268,27 @@ class PreferenceTokenizer:
         responses, scores, names = _responses(row, fmt, index)
         for name, response in zip(names, responses, strict=True):
             self._check_response(response, conversational, index, name)
+        # every type is checked before a blank response drops anything: a wrong type is an error under both policies
+        live = []
+        for j, response in enumerate(responses):
+            if not _is_blank(response, conversational):
+                live.append(j)
+            elif j == 0:
+                return self._invalid(stats, "empty_response", f"row {index}, column {names[0]!r}: empty response",
+                                     "the row")
+            else:
+                self._invalid(stats, "empty_response", f"row {index}, column {names[j]!r}: empty response",
+                              "the negative")
+        if len(live) == 1:
+            return self._no_negative_left(stats, index)
+        responses, names = [responses[j] for j in live], [names[j] for j in live]
+        scores = None if scores is None else [scores[j] for j in live]
 
         prompt_ids = _tokenize_text(self.tokenizer, prompt, None, conversational)
         full = [_tokenize_text(self.tokenizer, prompt, r, conversational) for r in responses]
-        start = min(_common_prefix(prompt_ids, ids) for ids in full)
+        alone, prefix = len(prompt_ids), [_common_prefix(prompt_ids, ids) for ids in full]
+        shifted = [n < alone for n in prefix]  # a template or a token merge moved the boundary
+        start = min(prefix)
         if start == 0:
             raise PreferenceDataError(f"row {index}, column 'prompt': no prompt token survives tokenization (the "
                                       "prompt's tokens merge with the response's)")
@@ -302,38 +302,84 @@ class PreferenceTokenizer:
                 raise PreferenceDataError(f"row {index}, column {name!r}: the response has no tokens")
 
         if self.max_prompt_length is not None and len(prompt_ids) > self.max_prompt_length:
-            prompt_ids = prompt_ids[-self.max_prompt_length:]
+            prompt_ids = self._truncate_prompt(prompt, prompt_ids, conversational)
             stats.prompts_truncated += 1
         cut = [False] * len(response_ids)
         if self.max_length is not None:
             room = self.max_length - len(prompt_ids)
             if room < 1:
-                raise PreferenceDataError(
+                return self._invalid(
+                    stats, "no_room_for_response",
                     f"row {index}, column 'prompt': {len(prompt_ids)} tokens leave no room for a response within "
-                    f"max_length={self.max_length}; set max_prompt_length (keeps the end of the prompt) or raise "
-                    "max_length")
+                    f"max_length={self.max_length}; set max_prompt_length (keeps the prompt's header and end) or "
+                    "raise max_length", "the row")
             cut = [len(ids) > room for ids in response_ids]
             response_ids = [ids[:room] for ids in response_ids]
 
-        keep = list(range(len(response_ids)))
+        candidates = list(range(1, len(response_ids)))
         if scores is not None and self.strict_positive:
-            keep = [0] + [j for j in keep[1:] if scores[j] < scores[0]]
-            stats.tied_negatives_dropped += len(response_ids) - len(keep)
-            if len(keep) == 1:
+            candidates = [j for j in candidates if scores[j] < scores[0]]
+            stats.tied_negatives_dropped += len(response_ids) - 1 - len(candidates)
+            if not candidates:
                 raise PreferenceDataError(f"row {index}, column 'scores': every completion ties with the best "
                                           f"({scores[0]}); this loss needs a positive better than a negative")
-        if self.max_negatives is not None and len(keep) - 1 > self.max_negatives:
-            stats.negatives_capped += len(keep) - 1 - self.max_negatives
-            keep = keep[: 1 + self.max_negatives]
-        for j in keep[1:]:
+        # negatives in order until max_negatives are kept: the capped ones are neither checked nor merged
+        keep, seen = [0], {}
+        for position, j in enumerate(candidates):
+            if self.max_negatives is not None and len(keep) - 1 == self.max_negatives:
+                stats.negatives_capped += len(candidates) - position
+                break
+            ids = tuple(response_ids[j])
             if response_ids[j] == response_ids[0]:
                 truncated = "" if self.max_length is None else f" (after truncation to max_length={self.max_length})"
-                raise PreferenceDataError(f"row {index}, column {names[j]!r}: identical to the positive "
-                                          f"{names[0]!r}{truncated}")
+                self._invalid(stats, "negative_identical_to_positive", f"row {index}, column {names[j]!r}: "
+                              f"identical to the positive {names[0]!r}{truncated}", "the negative")
+            elif ids in seen:
+                stats.duplicate_negatives_merged += 1
+                stats.note(f"row {index}, column {names[j]!r}: the same tokens as {names[seen[ids]]!r}; merged")
+            else:
+                seen[ids] = j
+                keep.append(j)
+        if len(keep) == 1:
+            return self._no_negative_left(stats, index)
         stats.responses_truncated += sum(cut[j] for j in keep)  # the responses kept, not those dropped above
+        moved = [names[j] for j in keep if shifted[j]]
+        if moved:
+            stats.boundary_shifts += len(moved)
+            stats.note(f"row {index}: the prompt's {alone} tokens alone are not a prefix of prompt ⊕ response for "
+                       f"{moved} (a template or a token merge moved the boundary); the prompt keeps its first {start}")
         return PreferenceExample(
             row=index, prompt=tuple(prompt_ids), responses=tuple(tuple(response_ids[j]) for j in keep),
             scores=None if scores is None else tuple(scores[j] for j in keep))
+
+    def _invalid(self, stats, reason, message, dropped) -> None:
+        """Data that cannot train: raise it ("error"), or count `reason` and note that `dropped` is dropped."""
+        if self.invalid_rows == "error":
+            raise PreferenceDataError(message)
+        stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
+        stats.note(f"{message}; {dropped} is dropped")
+
+    @staticmethod
+    def _no_negative_left(stats, index) -> None:
+        stats.note(f"row {index}: no negative left; the row is dropped")
+
+    def _truncate_prompt(self, prompt, ids, conversational) -> list[int]:
+        """The prompt's header and its last tokens: max_prompt_length in all; its end alone when the header fills it."""
+        header = self._header_length(prompt, ids, conversational)
+        tail = self.max_prompt_length - header
+        return ids[:header] + ids[-tail:] if tail > 0 else ids[-self.max_prompt_length:]
+
+    def _header_length(self, prompt, ids, conversational) -> int:
+        """How many of the prompt's leading tokens `ids` are its header: for a conversation, those the chat template
+        renders the same before two different contents of the first message (and the prompt starts with); for
+        plain text, the leading special tokens (BOS)."""
+        if not conversational:
+            special = set(self.tokenizer.all_special_ids)
+            return next((n for n, token in enumerate(ids) if token not in special), len(ids))
+        # the first message alone ([] as the response: no generation prompt), with two contents differing at once
+        a, b = (_tokenize_text(self.tokenizer, [{**prompt[0], "content": probe}], [], True) for probe in ("A", "B"))
+        # capped: a template may render a message alone differently (Mistral's system prompt goes to the last user turn)
+        return min(_common_prefix(a, b), _common_prefix(a, ids))
 
     @staticmethod
     def _check_response(response, conversational, index, name):
@@ -341,10 +387,12 @@ class PreferenceTokenizer:
             if not _is_conversation(response):
                 raise PreferenceDataError(f"row {index}, column {name!r}: the prompt is a conversation, so the "
                                           "response must be a list of messages too")
-            if not any(str(m["content"] if m["content"] is not None else "").strip() for m in response):
-                raise PreferenceDataError(f"row {index}, column {name!r}: empty response")
         elif not isinstance(response, str):
             raise PreferenceDataError(f"row {index}, column {name!r}: expected a string, got "
                                       f"{type(response).__name__}")
-        elif not response.strip():
-            raise PreferenceDataError(f"row {index}, column {name!r}: empty response")
+
+
+def _is_blank(response, conversational) -> bool:
+    if conversational:
+        return not any(str(m["content"] if m["content"] is not None else "").strip() for m in response)
+    return not response.strip()

@@ -4,18 +4,23 @@ DPO-style training is right only if `r(x, y) = β·(log π(y|x) − log π_ref(y
 per-prompt constant (DESIGN §9). Given, per prompt p, responses i with implicit rewards r_pi and gold rewards g_pi,
 both are centred per prompt (x = g − mean_p g, y = r − mean_p r), which removes that constant, and then:
 
-- per prompt: Pearson ρ_p = Σxy / √(Σx²·Σy²) and the least-squares slope b_p = Σxy / Σx² of implicit on gold;
-  `mean_pearson` and `mean_slope` are their unweighted means over prompts. Correlation 1 is always the target;
-  slope 1 is the target when the preferences were drawn from the gold reward by Bradley–Terry at that scale.
-- pooled: the same two formulas over every centred point of every prompt at once.
+- per prompt: Pearson ρ_p = Σxy / √(Σx²·Σy²), the least-squares slope b_p = Σxy / Σx² of implicit on gold and
+  the paper's slope-1 regression error e_p = mean (y − x)²; `mean_pearson`, `mean_slope` and
+  `mean_regression_error` are their unweighted means over prompts. Correlation 1 is always the target; slope 1 (and
+  error 0) is the target when the preferences were drawn from the gold reward by Bradley–Terry at that scale.
+- pooled: Pearson and slope over every centred point of every prompt at once.
 - pairwise accuracy: over the within-prompt pairs with distinct gold, the fraction the implicit reward orders
   like the gold one (an implicit tie counts 0.5).
 
-A prompt whose gold rewards are all equal has no slope and no correlation: it is left out of both means and
-counted in `constant_gold`. A prompt whose implicit rewards are all equal (gold not) has slope 0 (the implicit
-reward does not respond to gold) but no correlation: it stays in the slope mean and is counted in
-`constant_implicit`. "Equal" is exact, as for a policy identical to its reference. Both kinds stay in the
-pooled numbers (their flat side centres to zero).
+Only a prompt with ≥ 3 distinct gold values can show whether the implicit reward is *linear* in gold: through two
+gold values every monotone function is a line, and with two responses the centred Pearson is exactly ±1. So the
+per-prompt means are over prompts with ≥ 3 distinct gold values; a prompt with exactly 2 is counted in
+`two_valued_gold` and its pairs, the only thing it can tell, in `two_valued_pairwise_accuracy`; a prompt whose gold
+rewards are all equal is counted in `constant_gold`. Neither has per-prompt values (NaN). A prompt in the means
+whose implicit rewards are all equal has slope 0 (the implicit reward does not respond to gold) but no correlation:
+it stays in the slope and error means and is counted in `constant_implicit`. "Equal" is exact, as for a policy
+identical to its reference. Every prompt stays in the pooled numbers and the pairwise accuracy (a flat side
+centres to zero).
 """
 from __future__ import annotations
 
@@ -28,20 +33,25 @@ import numpy as np
 
 @dataclass(frozen=True)
 class LinearityReport:
-    """The linearity test's numbers; NaN where undefined (no prompt or pair to average over)."""
+    """The linearity test's numbers; NaN where undefined (no prompt or pair to average over). Per-prompt values are
+    NaN for a prompt left out of their mean, so each mean is that of its per-prompt values, NaN skipped."""
 
-    mean_pearson: float
-    mean_slope: float
+    mean_pearson: float  # over prompts with ≥ 3 distinct gold values and unequal implicit ones
+    mean_slope: float  # over prompts with ≥ 3 distinct gold values
+    mean_regression_error: float  # over prompts with ≥ 3 distinct gold values
     pooled_pearson: float
     pooled_slope: float
     pairwise_accuracy: float
     num_prompts: int
     num_responses: int
     num_pairs: int  # within-prompt pairs with distinct gold rewards
-    constant_gold: int  # prompts left out of both means
-    constant_implicit: int  # prompts left out of the Pearson mean
+    constant_gold: int  # prompts with 1 distinct gold value: left out of the means
+    two_valued_gold: int  # prompts with 2 distinct gold values: left out of the means
+    two_valued_pairwise_accuracy: float  # pairwise accuracy over those prompts' pairs only
+    constant_implicit: int  # prompts in the means with all implicit rewards equal: left out of the Pearson mean
     per_prompt_pearson: tuple[float, ...]
     per_prompt_slope: tuple[float, ...]
+    per_prompt_regression_error: tuple[float, ...]
 
     def to_dict(self) -> dict:
         """A JSON-ready dict: tuples become lists and NaN becomes None."""
@@ -98,9 +108,10 @@ def linearity_report(implicit: Sequence[Sequence[float]], gold: Sequence[Sequenc
         raise ValueError(f"implicit has {len(implicit_rows)} prompts, gold has {len(gold_rows)}")
     if not gold_rows:
         raise ValueError("no prompts: implicit and gold are empty")
-    pearsons, slopes = [], []
-    constant_gold = constant_implicit = num_pairs = 0
-    correct = sxy = sxx = syy = 0.0
+    pearsons, slopes, errors = [], [], []
+    constant_gold = two_valued = constant_implicit = 0
+    num_pairs = two_pairs = 0
+    correct = two_correct = sxy = sxx = syy = 0.0
     for p, (r, g) in enumerate(zip(implicit_rows, gold_rows, strict=True)):
         if len(r) != len(g):
             raise ValueError(f"prompt {p}: implicit has {len(r)} responses, gold has {len(g)}")
@@ -108,24 +119,31 @@ def linearity_report(implicit: Sequence[Sequence[float]], gold: Sequence[Sequenc
         xy, xx, yy = float(x @ y), float(x @ x), float(y @ y)
         sxy, sxx, syy = sxy + xy, sxx + xx, syy + yy
         # Exact equality, not the centred variance: centring equal values can leave rounding residue.
-        flat_gold, flat_implicit = bool(g.min() == g.max()), bool(r.min() == r.max())
-        constant_gold += flat_gold
-        constant_implicit += flat_implicit and not flat_gold
-        slopes.append(math.nan if flat_gold else xy / xx)
-        pearsons.append(math.nan if flat_gold or flat_implicit else _pearson(xy, xx, yy))
+        distinct_gold, flat_implicit = len(np.unique(g)), bool(r.min() == r.max())
+        averaged = distinct_gold >= 3
+        constant_gold += distinct_gold == 1
+        two_valued += distinct_gold == 2
+        constant_implicit += averaged and flat_implicit
+        slopes.append(xy / xx if averaged else math.nan)
+        errors.append(float(np.mean((y - x) ** 2)) if averaged else math.nan)
+        pearsons.append(_pearson(xy, xx, yy) if averaged and not flat_implicit else math.nan)
         gold_order = np.sign(g[:, None] - g[None, :])
         implicit_order = np.sign(r[:, None] - r[None, :])
         pairs = np.triu(gold_order != 0, k=1)  # each unordered pair once, gold ties left out
-        num_pairs += int(pairs.sum())
         agreement = gold_order[pairs] * implicit_order[pairs]  # 1 agree, 0 implicit tie, −1 disagree
-        correct += float(((agreement + 1) / 2).sum())
+        agreed, count = float(((agreement + 1) / 2).sum()), int(pairs.sum())
+        correct, num_pairs = correct + agreed, num_pairs + count
+        if distinct_gold == 2:
+            two_correct, two_pairs = two_correct + agreed, two_pairs + count
     return LinearityReport(
-        mean_pearson=_nanmean(pearsons), mean_slope=_nanmean(slopes),
+        mean_pearson=_nanmean(pearsons), mean_slope=_nanmean(slopes), mean_regression_error=_nanmean(errors),
         pooled_pearson=_pearson(sxy, sxx, syy), pooled_slope=sxy / sxx if sxx > 0 else math.nan,
         pairwise_accuracy=correct / num_pairs if num_pairs else math.nan,
         num_prompts=len(gold_rows), num_responses=sum(map(len, gold_rows)), num_pairs=num_pairs,
-        constant_gold=constant_gold, constant_implicit=constant_implicit,
-        per_prompt_pearson=tuple(pearsons), per_prompt_slope=tuple(slopes),
+        constant_gold=constant_gold, two_valued_gold=two_valued,
+        two_valued_pairwise_accuracy=two_correct / two_pairs if two_pairs else math.nan,
+        constant_implicit=constant_implicit, per_prompt_pearson=tuple(pearsons), per_prompt_slope=tuple(slopes),
+        per_prompt_regression_error=tuple(errors),
     )
 
 

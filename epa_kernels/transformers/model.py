@@ -6,6 +6,7 @@ head's weight, straight into `fused_linear_preference_loss`. The model's own log
 `temperature`), and a one-time probe checks on a few tokens that hidden · Wᵀ with those transforms reproduces the
 model's own logits exactly, so a head this module cannot reproduce is refused instead of trained wrongly.
 Everything happens inside `forward`, so DDP and FSDP hooks (all-gathers, gradient reduction) fire as usual.
+`disable_dropout(model)` switches all of a model's dropout off, as the policy must train (TRL's `disable_dropout`).
 """
 from __future__ import annotations
 
@@ -68,6 +69,41 @@ def decoder_and_head(model) -> tuple[nn.Module, nn.Linear]:
     return decoder, head
 
 
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Switch off all of the model's dropout, in place, and return it: TRL's `disable_dropout`, completed.
+
+    p = 0 on every `nn.Dropout*` module, and 0.0 for every float attribute whose name holds "drop" on every module
+    and on the model's configs (with their sub-configs): transformers attention modules keep
+    `self.attention_dropout` and pass it to the attention function, which applies it in train mode without any
+    dropout module; some models read `config.dropout` or `config.layerdrop` in forward.
+    """
+    configs, seen = [], set()
+    for module in model.modules():
+        if isinstance(module, DROPOUT_MODULES):
+            module.p = 0.0
+        _zero_drop_fields(module)
+        configs.append(getattr(module, "config", None))
+    while configs:
+        config = configs.pop()
+        if hasattr(config, "__dict__") and id(config) not in seen:
+            seen.add(id(config))
+            _zero_drop_fields(config)
+            configs.extend(getattr(config, name, None) for name in getattr(config, "sub_configs", {}))
+    return model
+
+
+def _zero_drop_fields(obj) -> None:
+    for name, value in list(vars(obj).items()):
+        if "drop" in name and isinstance(value, float):  # floats only: not flags (token_dropout) nor counts
+            setattr(obj, name, 0.0)
+
+
+_disable_dropout = disable_dropout  # PreferenceModel's flag of the same name shadows the function
+
+
 class PreferenceModel(nn.Module):
     """Wraps a transformers causal LM for preference training with the fused loss.
 
@@ -77,16 +113,20 @@ class PreferenceModel(nn.Module):
     loss / beta / **loss_kw are those of `preference_loss`; reduction "sum" (default) or "mean" (SimPO).
     ref_model: a frozen reference `PreferenceModel` (or causal LM) run under no_grad when the batch has no
     ref_logps; its own head and transforms are used. check_head: verify on 8 tokens that the fused head
-    reproduces the model's own logits.
+    reproduces the model's own logits. disable_dropout (default True): `disable_dropout(model)` at construction,
+    so that the policy in train mode computes what the reference computes in eval mode; with the model's dropout
+    the implicit rewards would be noisy and biased. False keeps it.
     """
 
     def __init__(self, model, *, loss: str = "epa", beta: float = 0.1, reduction: str | None = None,
                  ref_model=None, backend: str = "auto", ignore_index: int = -100, check_head: bool = True,
-                 **loss_kw):
+                 disable_dropout: bool = True, **loss_kw):
         super().__init__()
         check_choice("loss", loss, LOSSES)
         reduction = reduction or ("mean" if loss == "simpo" else "sum")
         check_choice("reduction", reduction, SEQUENCE_REDUCTIONS)
+        if disable_dropout:
+            _disable_dropout(model)
         self.model = model
         decoder, head = decoder_and_head(model)
         # Plain attributes (they live inside self.model): registering them again would list their weights twice
@@ -118,6 +158,13 @@ class PreferenceModel(nn.Module):
     def _no_split_modules(self):
         """The model's decoder-layer classes: accelerate's FSDP2 auto-wrap shards them one by one."""
         return getattr(self.model, "_no_split_modules", None)
+
+    def tie_weights(self):
+        """Re-tie the model's tied weights (LM head ↔ input embeddings). accelerate's FSDP2 preparation moves the
+        model to the meta device and loads the full state dict with assign=True, either of which unties them, then
+        calls `tie_weights()` on what it prepares: this wrapper. The reference is no submodule: it is not prepared."""
+        if hasattr(self.model, "tie_weights"):
+            self.model.tie_weights()
 
     @property
     def attn_implementation(self) -> str:

@@ -98,11 +98,12 @@ def token_budget_chunks(items, lengths, max_tokens: int):
 
 
 def prompt_segments(keys, planner, max_tokens: int):
-    """Keys grouped by the prompt they are scored under, each group cut into runs whose packed length fits
-    max_tokens (a run holds ≥ 1 key): over several epochs one prompt gathers many weak negatives."""
+    """Keys grouped by the prompt they are scored under — its token ids, so rows repeating a prompt share one
+    encoding as in training — each group cut into runs whose packed length fits max_tokens (a run holds ≥ 1 key):
+    over several epochs one prompt gathers many weak negatives."""
     by_prompt = {}
     for key in keys:
-        by_prompt.setdefault(key[2], []).append(key)
+        by_prompt.setdefault(planner.examples[key[2]].prompt, []).append(key)
     for prompt_keys in by_prompt.values():
         run = []
         for key in prompt_keys:
