@@ -1,6 +1,7 @@
 """The linearity test (epa_kernels.transformers.linearity) and its program, python -m training.evaluate."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -16,8 +17,13 @@ def response_length(prompt, response):
     return float(len(response))
 
 
-def random_prompts(rng, num_prompts=7, sizes=(2, 6)):
-    """Ragged per-prompt gold rewards (continuous, so no ties) and per-prompt offsets."""
+def length_unless_hamlet(prompt, response):
+    """A gold reward with a known tie: the answer's length, but the same for every answer about Hamlet."""
+    return 0.0 if "Hamlet" in prompt else float(len(response))
+
+
+def random_prompts(rng, num_prompts=7, sizes=(3, 6)):
+    """Ragged per-prompt gold rewards (continuous, so no ties: all in the means) and per-prompt offsets."""
     gold = [rng.normal(size=rng.integers(sizes[0], sizes[1] + 1)) for _ in range(num_prompts)]
     offsets = rng.normal(scale=10, size=num_prompts)
     return gold, offsets
@@ -42,11 +48,13 @@ def test_exact_linear_rewards_give_pearson_one_and_their_slope(scale):
     assert report.mean_slope == pytest.approx(scale, rel=1e-10)
     assert report.pooled_slope == pytest.approx(scale, rel=1e-10)
     assert report.per_prompt_slope == pytest.approx([scale] * len(gold), rel=1e-10)
+    assert report.mean_regression_error == pytest.approx(
+        np.mean([(scale - 1) ** 2 * np.mean(x ** 2) for x in centred(gold)]), rel=1e-9, abs=1e-20)
     assert report.pairwise_accuracy == 1.0
     assert report.num_prompts == len(gold)
     assert report.num_responses == sum(map(len, gold))
     assert report.num_pairs == sum(len(g) * (len(g) - 1) // 2 for g in gold)
-    assert report.constant_gold == report.constant_implicit == 0
+    assert report.constant_gold == report.two_valued_gold == report.constant_implicit == 0
 
 
 def test_noise_lowers_the_correlation():
@@ -74,6 +82,9 @@ def test_numbers_match_numpy_and_scipy():
     assert report.per_prompt_slope == pytest.approx(per_slope, rel=1e-9)
     assert report.mean_pearson == pytest.approx(np.mean(per_pearson), rel=1e-9)
     assert report.mean_slope == pytest.approx(np.mean(per_slope), rel=1e-9)
+    per_error = [np.mean((y - x) ** 2) for x, y in zip(centred(gold), centred(implicit), strict=True)]
+    assert report.per_prompt_regression_error == pytest.approx(per_error, rel=1e-9)
+    assert report.mean_regression_error == pytest.approx(np.mean(per_error), rel=1e-9)
     x, y = np.concatenate(centred(gold)), np.concatenate(centred(implicit))
     assert report.pooled_pearson == pytest.approx(stats.pearsonr(x, y).statistic, rel=1e-9)
     assert report.pooled_slope == pytest.approx(np.polyfit(x, y, 1)[0], rel=1e-9)
@@ -92,6 +103,8 @@ def test_constant_prompts_are_excluded_and_counted():
     assert report.per_prompt_slope[1] == 0.0  # a flat implicit reward does not respond to gold: slope 0
     assert report.mean_pearson == pytest.approx(np.mean([report.per_prompt_pearson[0], -1.0]))
     assert report.mean_slope == pytest.approx(np.mean([0.05, 0.0, -1.0]))
+    assert math.isnan(report.per_prompt_regression_error[2])
+    assert report.per_prompt_regression_error[1] == pytest.approx(2 / 3)  # flat implicit: mean x² of gold
     assert report.num_pairs == 9  # prompt 2's tied pair is no pair
     # Prompt 1 contributes 3 implicit ties (0.5 each), prompt 3 three reversed pairs, prompt 0 two of three right.
     assert report.pairwise_accuracy == pytest.approx((2 + 1.5 + 0) / 9)
@@ -103,8 +116,38 @@ def test_constant_prompts_are_excluded_and_counted():
 def test_nothing_to_average_is_nan():
     report = linearity_report([[0.0, 0.0], [1.0, 1.0]], [[1.0, 2.0], [3.0, 3.0]])
     assert math.isnan(report.mean_pearson) and math.isnan(report.pooled_pearson)
-    assert report.mean_slope == 0.0 and report.pooled_slope == 0.0
+    assert math.isnan(report.mean_slope) and math.isnan(report.mean_regression_error)  # no prompt has 3 values
+    assert report.pooled_slope == 0.0
+    assert report.two_valued_gold == 1 and report.constant_gold == 1 and report.constant_implicit == 0
     assert report.to_dict()["mean_pearson"] is None
+
+
+def test_prompts_with_fewer_than_three_distinct_gold_values_are_left_out_of_the_means():
+    # Prompts 0 and 1: two responses, a Pearson of exactly ±1 whatever the model; prompt 2: three responses but two
+    # gold values; prompt 3: one gold value. Only prompts 4 and 5 can show linearity.
+    implicit = [[0.3, 0.1], [0.0, 0.9], [2.0, 1.0, 1.5], [0.2, 0.4, 0.6], [1.0, 0.0, 2.5], [0.4, 0.5, 0.2, 0.1]]
+    gold = [[1.0, 0.0], [1.0, 0.0], [1.0, 1.0, 0.0], [5.0, 5.0, 5.0], [2.0, 1.0, 3.0], [4.0, 3.0, 2.0, 1.0]]
+    report = linearity_report(implicit, gold)
+    kept = [4, 5]
+    x = {p: np.asarray(gold[p]) - np.mean(gold[p]) for p in kept}
+    y = {p: np.asarray(implicit[p]) - np.mean(implicit[p]) for p in kept}
+    pearson = [stats.pearsonr(gold[p], implicit[p]).statistic for p in kept]
+    slope = [x[p] @ y[p] / (x[p] @ x[p]) for p in kept]
+    error = [np.mean((y[p] - x[p]) ** 2) for p in kept]
+    assert report.mean_pearson == pytest.approx(np.mean(pearson), rel=1e-12)
+    assert report.mean_slope == pytest.approx(np.mean(slope), rel=1e-12)
+    assert report.mean_regression_error == pytest.approx(np.mean(error), rel=1e-12)
+    for values in (report.per_prompt_pearson, report.per_prompt_slope, report.per_prompt_regression_error):
+        assert all(math.isnan(v) for v in values[:4]) and not any(math.isnan(v) for v in values[4:])
+    assert report.num_prompts == 6 and report.two_valued_gold == 3 and report.constant_gold == 1
+    assert report.constant_implicit == 0
+    # Their pairs: prompt 0 agrees, prompt 1 disagrees, prompt 2 has one of its two pairs right.
+    assert report.two_valued_pairwise_accuracy == pytest.approx((1 + 0 + 1) / 4)
+    # Pairwise accuracy and the pooled numbers still count every prompt.
+    assert report.num_pairs == 1 + 1 + 2 + 0 + 3 + 6
+    pooled_x, pooled_y = np.concatenate(centred(gold)), np.concatenate(centred(implicit))
+    assert report.pooled_pearson == pytest.approx(stats.pearsonr(pooled_x, pooled_y).statistic, rel=1e-12)
+    json.dumps(report.to_dict(), allow_nan=False)
 
 
 @pytest.mark.parametrize("transform, expected", [
@@ -211,13 +254,20 @@ def test_policy_equal_to_reference_gives_zero_implicit_rewards(workspace, tmp_pa
     assert all(v == 0.0 for prompt in record["per_prompt"] for v in prompt["implicit"])
     report = record["report"]
     assert report["mean_pearson"] is None and report["pooled_pearson"] is None  # undefined: excluded
-    assert report["constant_implicit"] == len(QUESTIONS) and report["constant_gold"] == 0
+    # Rows 2 and 3 have 2 distinct gold values: left out of the means, so 2 flat prompts are left to count.
+    assert report["constant_implicit"] == 2 and report["two_valued_gold"] == 2 and report["constant_gold"] == 0
     assert report["pairwise_accuracy"] == 0.5 and report["num_pairs"] == 3 + 6 + 1 + 2
+    assert report["two_valued_pairwise_accuracy"] == 0.5 and report["mean_slope"] == 0.0
     assert record["win_rate"] is None and record["samples"] == []
-    assert {"torch", "transformers"} <= record["versions"].keys() and record["options"]["beta"] == 0.1
+    assert {"device", "torch", "transformers", "commit"} <= record["environment"].keys()
+    assert record["options"]["beta"] == 0.1 and record["options"]["reduction"] == "sum"  # no run summary: defaults
+    assert record["implicit_reward"] == {"beta": {"value": 0.1, "source": "default", "run": None},
+                                         "reduction": {"value": "sum", "source": "default", "run": None}}
     assert (tmp_path / "linearity.png").read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "linearity.md").read_text()
     assert "| pairwise accuracy | 0.5000 |" in table and table in capsys.readouterr().out
+    assert "| mean slope (over 2 prompts) | 0.0000 |" in table
+    assert "| prompts left out of the means: 1 / 2 distinct gold values | 0 / 2 |" in table
 
 
 def test_perturbed_policy_matches_materialised_logits_and_wins_sometimes(workspace, tmp_path):
@@ -233,10 +283,14 @@ def test_perturbed_policy_matches_materialised_logits_and_wins_sometimes(workspa
     for key in ("mean_pearson", "mean_slope", "pooled_pearson", "pooled_slope", "pairwise_accuracy"):
         assert report[key] is not None and math.isfinite(report[key]), key
     assert -1 <= report["mean_pearson"] <= 1 and report["constant_implicit"] == 0
-    assert 0 <= record["win_rate"] <= 1 and len(record["samples"]) == 3
+    assert len(record["samples"]) == 3
     for sample in record["samples"]:
         assert sample["policy_gold"] == len(sample["policy"])
+        assert sample["reference_gold"] == len(sample["reference"])
         assert sample["prompt"] == QUESTIONS[sample["row"]][0]  # the user's text, not the chat template
+    wins = [(s["policy_gold"] > s["reference_gold"]) + 0.5 * (s["policy_gold"] == s["reference_gold"])
+            for s in record["samples"]]
+    assert record["win_rate"] == pytest.approx(sum(wins) / 3)
 
     tokenizer = tiny_tokenizer()
     examples, _ = PreferenceTokenizer(tokenizer, max_length=64, strict_positive=False)(
@@ -264,6 +318,93 @@ def test_evaluate_in_process(workspace, reduction):
     assert result["win_rate"] == 0.5  # the same model answers the same way
     assert len(result["samples"]) == 2 and result["options"]["reduction"] == reduction
     assert model.training
+
+
+def silent_model(seed=5):
+    """A tiny model with a zero LM head: every logit ties, greedy decoding picks token 0 (the pad token), so every
+    answer decodes to the empty string."""
+    model = tiny_causal_lm("llama", seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    return model
+
+
+def test_win_rate_of_known_answers_and_swapped_models(workspace):
+    from training.evaluate import evaluate
+
+    rows = [json.loads(line) for line in (workspace / "ranked.jsonl").read_text().splitlines()]
+    talker, silent = tiny_causal_lm("llama", seed=3), silent_model()
+    options = dict(max_tokens_per_batch=64, gold_reward=length_unless_hamlet, max_new_tokens=4)
+    result = evaluate(talker, silent, tiny_tokenizer(), rows, **options)
+    samples = result["samples"]
+    assert [s["reference"] for s in samples] == [""] * len(QUESTIONS)
+    assert all(s["policy"] for s in samples)  # the case is as built: the talker says something
+    # Longer wins on 3 prompts; on Hamlet every answer scores 0, a tie worth half.
+    assert result["win_rate"] == (3 + 0.5) / 4
+    swapped = evaluate(silent, talker, tiny_tokenizer(), rows, **options)
+    assert swapped["win_rate"] == 1 - result["win_rate"]
+    assert [s["policy"] for s in swapped["samples"]] == [""] * len(QUESTIONS)
+
+
+def training_run(root, tmp_path, options, *, inside=False):
+    """A copy of the workspace's policy laid out as training leaves it: OUTPUT_DIR/model and, next to it (or with
+    inside, in the model directory), train_summary.json with these options."""
+    policy = tmp_path / "run" / "model"
+    shutil.copytree(root / "policy", policy)
+    summary = {"updates": 1, "options": {"model": "base", "output_dir": str(tmp_path / "run"), **options}}
+    (policy if inside else policy.parent).joinpath("train_summary.json").write_text(json.dumps(summary))
+    return policy
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_beta_and_reduction_come_from_the_policy_run(workspace, tmp_path, capsys, inside):
+    policy = training_run(workspace, tmp_path, {"beta": 0.5, "loss": "simpo"}, inside=inside)
+    assert run_program(workspace, tmp_path / "out", policy=policy) == 0
+    err = capsys.readouterr().err
+    record = json.loads((tmp_path / "out" / "linearity.json").read_text())
+    summary = str(policy / "train_summary.json" if inside else policy.parent / "train_summary.json")
+    assert record["options"]["beta"] == 0.5 and record["options"]["reduction"] == "mean"  # simpo: mean log-probs
+    assert record["implicit_reward"] == {"beta": {"value": 0.5, "source": summary, "run": 0.5},
+                                         "reduction": {"value": "mean", "source": summary, "run": "mean"}}
+    assert "warning" not in err
+    for prompt in record["per_prompt"]:
+        assert prompt["implicit"] == pytest.approx([0.5 * (a - b) for a, b in
+                                                    zip(prompt["logp"], prompt["ref_logp"], strict=True)])
+    # The same numbers as with the flags given.
+    assert run_program(workspace, tmp_path / "flags", "--beta", "0.5", "--reduction", "mean", policy=policy) == 0
+    flagged = json.loads((tmp_path / "flags" / "linearity.json").read_text())
+    assert flagged["per_prompt"] == record["per_prompt"] and "warning" not in capsys.readouterr().err
+
+
+def test_flags_override_the_policy_run_with_a_warning(workspace, tmp_path, capsys):
+    policy = training_run(workspace, tmp_path, {"beta": 0.5, "loss": "simpo"})
+    assert run_program(workspace, tmp_path / "out", "--beta", "0.25", "--reduction", "sum", policy=policy) == 0
+    err = capsys.readouterr().err
+    assert "warning: --beta 0.25 differs from the policy run's beta 0.5" in err
+    assert "warning: --reduction sum differs from the policy run's reduction mean" in err
+    record = json.loads((tmp_path / "out" / "linearity.json").read_text())
+    assert record["options"]["beta"] == 0.25 and record["options"]["reduction"] == "sum"
+    assert record["implicit_reward"] == {"beta": {"value": 0.25, "source": "--beta", "run": 0.5},
+                                         "reduction": {"value": "sum", "source": "--reduction", "run": "mean"}}
+    assert "(β = 0.25, sum)" in (tmp_path / "out" / "linearity.md").read_text()
+
+
+@pytest.mark.parametrize("summary, message", [
+    ("{not json", "cannot read the policy run's options.beta and options.loss (JSONDecodeError"),
+    (json.dumps({"updates": 1}), "cannot read the policy run's options.beta and options.loss (KeyError"),
+    (json.dumps({"options": {"beta": 0.1}}), "(KeyError: 'loss')"),
+    (json.dumps({"options": {"beta": -1, "loss": "dpo"}}), "options.beta must be a positive finite number, got -1"),
+    (json.dumps({"options": {"beta": "0.1", "loss": "dpo"}}), "options.beta must be a positive finite number"),
+    (json.dumps({"options": {"beta": 0.1, "loss": "dpo", "reduction": "max"}}),
+     "options.reduction must be one of ('sum', 'mean'), got 'max'"),
+])
+def test_a_bad_run_summary_exits_2(workspace, tmp_path, capsys, summary, message):
+    policy = training_run(workspace, tmp_path, {})
+    (policy.parent / "train_summary.json").write_text(summary)
+    assert run_program(workspace, tmp_path / "out", policy=policy) == 2
+    err = capsys.readouterr().err
+    assert message in err and "train_summary.json" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "linearity.json").exists()
 
 
 @pytest.mark.parametrize("extra, message", [

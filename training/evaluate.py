@@ -6,10 +6,13 @@
 --data is ranked (prompt / completions / scores), each score the completion's gold reward. Every completion's
 log-prob under the policy and under the reference comes from the fused kernel (no logits), one model in memory
 at a time; the implicit rewards β·(log π − log π_ref) are tested against the gold ones
-(`epa_kernels.transformers.linearity`). With --gold-reward, both models also answer the prompts greedily and the
-gold function scores the answers: the policy's win rate against the reference.
-Outputs in --output: linearity.json (report, win rate, options, versions, per-prompt values, samples),
-linearity.md (the table, also printed) and linearity.png (centred implicit vs centred gold rewards).
+(`epa_kernels.transformers.linearity`). β and the per-sequence reduction are those the policy was trained with
+(train_summary.json, next to OUTPUT_DIR/model) unless --beta / --reduction say otherwise; without a summary, 0.1
+and sum. With --gold-reward, both models also answer the prompts greedily and the gold function scores the
+answers: the policy's win rate against the reference.
+Outputs in --output: linearity.json (report, win rate, options and where β and the reduction came from, versions,
+per-prompt values, samples), linearity.md (the table, also printed) and linearity.png (centred implicit vs
+centred gold rewards).
 """
 from __future__ import annotations
 
@@ -17,21 +20,26 @@ import argparse
 import importlib
 import json
 import math
-import platform
 import random
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
-import epa_kernels
+from epa_kernels.fused_loss import SEQUENCE_REDUCTIONS
+from epa_kernels.provenance import environment
 from epa_kernels.transformers import BatchPlanner, PreferenceDataError, PreferenceModel, PreferenceTokenizer
-from epa_kernels.transformers.data import RANKED_COLUMNS, read_preference_rows
+from epa_kernels.transformers.data import RANKED_COLUMNS
 from epa_kernels.transformers.linearity import linearity_report, win_rate
+from epa_kernels.transformers.reading import read_preference_rows
 from epa_kernels.transformers.reference_cache import token_budget_chunks
 from training.models import SMOLLM2, ModelLoadError, load_causal_lm, load_tokenizer
+
+SUMMARY = "train_summary.json"  # training writes it to OUTPUT_DIR, the policy to OUTPUT_DIR/model
+DEFAULTS = {"beta": 0.1, "reduction": "sum"}  # without the policy run's summary or a flag
 
 
 class EvaluateError(ValueError):
@@ -189,19 +197,25 @@ def _number(value, digits=4) -> str:
 
 def markdown_table(result: dict, title: str = "") -> str:
     r = result["report"]
-    pearson_prompts = r["num_prompts"] - r["constant_gold"] - r["constant_implicit"]
+    averaged = r["num_prompts"] - r["constant_gold"] - r["two_valued_gold"]
     lines = [f"{title}", ""] if title else []
     lines += ["| metric | value |", "|---|---|",
               f"| prompts / responses / pairs with distinct gold | {r['num_prompts']} / {r['num_responses']} / "
               f"{r['num_pairs']} |",
-              f"| mean Pearson (over {pearson_prompts} prompts) | {_number(r['mean_pearson'])} |",
-              f"| mean slope (over {r['num_prompts'] - r['constant_gold']} prompts) | {_number(r['mean_slope'])} |",
+              f"| mean Pearson (over {averaged - r['constant_implicit']} prompts) | {_number(r['mean_pearson'])} |",
+              f"| mean slope (over {averaged} prompts) | {_number(r['mean_slope'])} |",
+              f"| mean regression error (over {averaged} prompts) | {_number(r['mean_regression_error'])} |",
               f"| pooled Pearson | {_number(r['pooled_pearson'])} |",
               f"| pooled slope | {_number(r['pooled_slope'])} |",
               f"| pairwise accuracy | {_number(r['pairwise_accuracy'])} |"]
-    if r["constant_gold"] or r["constant_implicit"]:
-        lines.append(f"| prompts with constant gold / constant implicit | {r['constant_gold']} / "
-                     f"{r['constant_implicit']} |")
+    if r["constant_gold"] or r["two_valued_gold"]:
+        lines.append(f"| prompts left out of the means: 1 / 2 distinct gold values | {r['constant_gold']} / "
+                     f"{r['two_valued_gold']} |")
+    if r["two_valued_gold"]:
+        lines.append(f"| pairwise accuracy on prompts with 2 distinct gold values | "
+                     f"{_number(r['two_valued_pairwise_accuracy'])} |")
+    if r["constant_implicit"]:
+        lines.append(f"| prompts with constant implicit (left out of the mean Pearson) | {r['constant_implicit']} |")
     if result["win_rate"] is not None:
         lines.append(f"| greedy win rate vs reference (over {len(result['samples'])} prompts) | "
                      f"{_number(result['win_rate'])} |")
@@ -215,14 +229,19 @@ def plot_linearity(result: dict, path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs, ys, colours = [], [], []
+    xs, ys, colours, averaged = [], [], [], []
     for p, values in enumerate(result["per_prompt"]):
         gold, implicit = values["gold"], values["implicit"]
         xs += [g - sum(gold) / len(gold) for g in gold]
         ys += [v - sum(implicit) / len(implicit) for v in implicit]
         colours += [p] * len(gold)
+        averaged += [len(set(gold)) >= 3] * len(gold)
+    xs, ys, colours, averaged = (np.asarray(v) for v in (xs, ys, colours, averaged))
     fig, axis = plt.subplots(figsize=(5.2, 4.6))
-    axis.scatter(xs, ys, c=colours, cmap="tab20", s=16, alpha=0.8)
+    axis.scatter(xs[averaged], ys[averaged], c=colours[averaged], cmap="tab20", s=16, alpha=0.8)
+    if not averaged.all():  # grey: such prompts show order, not linearity
+        axis.scatter(xs[~averaged], ys[~averaged], c="0.6", marker="x", s=14, alpha=0.7,
+                     label="< 3 distinct gold values (not in the means)")
     span = [min(xs), max(xs)]
     axis.plot(span, span, "k--", linewidth=1, label="y = x (target)")
     report = result["report"]
@@ -239,14 +258,6 @@ def plot_linearity(result: dict, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def versions(device: torch.device) -> dict:
-    import transformers
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "epa_kernels": epa_kernels.__version__, "device": name, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", required=True, help="the trained model's directory (save_pretrained)")
@@ -255,8 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-file", help="the GGUF file inside --reference's directory")
     p.add_argument("--data", required=True, help="ranked data (prompt / completions / scores = gold rewards): "
                    ".jsonl/.json/.parquet/.csv or a datasets directory")
-    p.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward β·(log π − log π_ref)")
-    p.add_argument("--reduction", default="sum", choices=("sum", "mean"), help="sequence log-prob: sum or mean")
+    p.add_argument("--beta", type=float, help="β of the implicit reward β·(log π − log π_ref) (default: the policy "
+                   f"run's, from its {SUMMARY}, else {DEFAULTS['beta']})")
+    p.add_argument("--reduction", choices=SEQUENCE_REDUCTIONS, help="sequence log-prob: sum or mean (default: the "
+                   f"policy run's, from its {SUMMARY}, else {DEFAULTS['reduction']})")
     p.add_argument("--max-length", type=int, default=1024, help="cap on prompt + response tokens")
     p.add_argument("--max-tokens-per-batch", type=int, default=8192, help="token budget of each forward pass")
     p.add_argument("--gold-reward", help="module:function, called (user text, response text) → float, to score "
@@ -274,7 +287,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse and validate: a bad combination fails here, before any model or data is loaded."""
     args = build_parser().parse_args(argv)
     checks = [
-        (math.isfinite(args.beta) and args.beta > 0, f"--beta must be a positive finite number, got {args.beta}"),
+        (args.beta is None or (math.isfinite(args.beta) and args.beta > 0),
+         f"--beta must be a positive finite number, got {args.beta}"),
         (args.max_length >= 2, f"--max-length must be ≥ 2 (a prompt and a response token), got {args.max_length}"),
         (args.max_tokens_per_batch >= args.max_length,
          f"--max-tokens-per-batch ({args.max_tokens_per_batch}) must be ≥ --max-length ({args.max_length})"),
@@ -293,6 +307,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def run_options(policy: str) -> dict | None:
+    """β and the per-sequence reduction the policy was trained with, from the train_summary.json that training
+    writes next to OUTPUT_DIR/model (so in the policy directory's parent, or in the directory itself); None
+    without one. A summary that does not say them is an error, not a silent fallback to the defaults."""
+    directory = Path(policy).expanduser()
+    path = next((p for p in (directory / SUMMARY, directory.parent / SUMMARY) if p.is_file()), None)
+    if path is None:
+        return None
+    try:
+        options = json.loads(path.read_text(encoding="utf-8"))["options"]
+        beta, loss = options["beta"], options["loss"]
+        reduction = options.get("reduction") or ("mean" if loss == "simpo" else "sum")  # as PreferenceModel picks
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise EvaluateError(f"{path}: cannot read the policy run's options.beta and options.loss "
+                            f"({type(error).__name__}: {error})") from None
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta > 0):
+        raise EvaluateError(f"{path}: options.beta must be a positive finite number, got {beta!r}")
+    if reduction not in SEQUENCE_REDUCTIONS:
+        raise EvaluateError(f"{path}: options.reduction must be one of {SEQUENCE_REDUCTIONS}, got {reduction!r}")
+    return {"beta": float(beta), "reduction": reduction, "summary": str(path)}
+
+
+def implicit_reward_options(args, warn) -> dict:
+    """β and the reduction to use, each as {value, source, run}: the flag, else the policy run's value, else the
+    default. A flag overrides the run's value, with a warning when they differ (the implicit reward of a policy is
+    defined by the β and reduction it was trained with)."""
+    run = run_options(args.policy)
+    chosen = {}
+    for name in ("beta", "reduction"):
+        given, trained = getattr(args, name), run[name] if run else None
+        if given is not None and run and given != trained:
+            warn(f"warning: --{name} {given} differs from the policy run's {name} {trained} ({run['summary']}); "
+                 f"using {given}")
+        if given is not None:
+            chosen[name] = {"value": given, "source": f"--{name}", "run": trained}
+        elif run:
+            chosen[name] = {"value": trained, "source": run["summary"], "run": trained}
+        else:
+            chosen[name] = {"value": DEFAULTS[name], "source": "default", "run": None}
+    return chosen
+
+
 def load_gold_reward(spec: str):
     """The callable named by module:function."""
     module_name, function_name = spec.split(":")
@@ -309,11 +365,14 @@ def load_gold_reward(spec: str):
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
+        chosen = implicit_reward_options(args, warn=lambda message: print(message, file=sys.stderr))
     except SystemExit as stop:  # argparse: --help (0) or a usage error (2), its message already printed
         return int(stop.code or 0)
     except EvaluateError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    beta, reduction = chosen["beta"]["value"], chosen["reduction"]["value"]
+    print(", ".join(f"{name} = {c['value']} ({c['source']})" for name, c in chosen.items()), file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         gold_reward = load_gold_reward(args.gold_reward) if args.gold_reward and args.num_generate != 0 else None
@@ -322,7 +381,7 @@ def main(argv=None) -> int:
         result = evaluate(
             lambda: load_causal_lm(args.policy, device=device),
             lambda: load_causal_lm(args.reference, args.gguf_file, device=device),
-            tokenizer, rows, beta=args.beta, reduction=args.reduction, max_length=args.max_length,
+            tokenizer, rows, beta=beta, reduction=reduction, max_length=args.max_length,
             max_tokens_per_batch=args.max_tokens_per_batch, gold_reward=gold_reward,
             max_new_tokens=args.max_new_tokens, num_generate=args.num_generate, seed=args.seed,
             backend=args.backend, log=lambda message: print(message, file=sys.stderr))
@@ -331,8 +390,9 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    title = f"{args.policy} vs {args.reference} on {Path(args.data).name} (β = {args.beta}, {args.reduction})"
-    record = {**result, "options": {**vars(args), **result["options"]}, "versions": versions(device)}
+    title = f"{args.policy} vs {args.reference} on {Path(args.data).name} (β = {beta}, {reduction})"
+    record = {**result, "options": {**vars(args), **result["options"]}, "implicit_reward": chosen,
+              "environment": environment(device)}
     (out / "linearity.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     table = markdown_table(result, title)
     (out / "linearity.md").write_text(table, encoding="utf-8")
