@@ -79,3 +79,11 @@ def poison_allocations(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poisoned(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(real_empty_like(*a, **k)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The training program's test data: a saved tiny model and a data set (tests/training_fixtures.py)."""
+    from training_fixtures import make_workdir
+
+    return make_workdir(tmp_path_factory.mktemp("epa-program"))

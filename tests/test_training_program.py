@@ -9,50 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_models import tiny_causal_lm, tiny_config, tiny_tokenizer
+from training_fixtures import ANSWERS, QUESTIONS, SEED, cli, saved_weights
 
 from epa_kernels.transformers import BatchPlanner, PreferenceModel, PreferenceTokenizer, ReferenceCache
+from training.epa import plan as plan_module
 from training.epa import train as train_module
 from training.epa.__main__ import main
 from training.epa.cli import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED = 7
-QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?", "Who wrote Hamlet?",
-             "Why is the sky blue?"]
-ANSWERS = ["Paris is the capital.", "Eight legs.", "William Shakespeare.", "Light scatters.", "I love it.",
-           "It is awful.", "A great tragedy.", "Blue light scatters the most."]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A saved tiny model + tokenizer and a conversational multi-negative data set (ragged K)."""
-    print(f"seed {SEED}")
-    root = tmp_path_factory.mktemp("epa-program")
-    model = tiny_causal_lm("llama_tied", seed=SEED)
-    model.save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    rng = random.Random(SEED)
-    with (root / "train.jsonl").open("w") as handle:
-        for i in range(12):
-            picked = rng.sample(ANSWERS, 4)
-            handle.write(json.dumps({
-                "prompt": [{"role": "user", "content": f"{QUESTIONS[i % 4]} ({i})"}],
-                "chosen": [{"role": "assistant", "content": picked[0]}],
-                "rejected": [[{"role": "assistant", "content": text}] for text in picked[1 : 2 + i % 3]],
-            }) + "\n")
-    return root
-
-
-def cli(workdir, out, *extra):
-    return ["--model", str(workdir / "model"), "--data", str(workdir / "train.jsonl"), "--output-dir", str(out),
-            "--num-weak", "2", "--max-tokens-per-batch", "600", "--lr", "1e-3", "--seed", str(SEED),
-            "--no-progress", *extra]
-
-
-def saved_weights(path):
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "model" / "model.safetensors"))
 
 
 def test_train_writes_model_logs_and_curves(workdir, tmp_path):
@@ -80,8 +45,8 @@ def test_resume_is_bit_identical(workdir, tmp_path, monkeypatch):
 
     real_save = train_module.save_checkpoint
 
-    def save_then_die(accelerator, output_dir, step, fingerprint, keep):
-        real_save(accelerator, output_dir, step, fingerprint, keep)
+    def save_then_die(accelerator, output_dir, step, fingerprint, plan, keep):
+        real_save(accelerator, output_dir, step, fingerprint, plan, keep)
         if step == 2:
             raise KeyboardInterrupt("simulated interruption")
 
@@ -103,11 +68,13 @@ def test_resume_is_bit_identical(workdir, tmp_path, monkeypatch):
                      for line in resumed_log]
 
 
-def test_resume_refuses_changed_options(workdir, tmp_path):
+def test_resume_refuses_changed_options(workdir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(cli(workdir, out, "--save-steps", "1", "--max-steps", "1")) == 0
-    with pytest.raises(ValueError, match="beta"):
-        main(cli(workdir, out, "--save-steps", "1", "--max-steps", "1", "--beta", "0.2", "--resume"))
+    capsys.readouterr()
+    assert main(cli(workdir, out, "--save-steps", "1", "--max-steps", "1", "--beta", "0.2", "--resume")) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: --resume") and "beta: 0.1 → 0.2" in error and len(error.splitlines()) == 1
 
 
 def test_precomputed_cache_equals_live_reference_and_is_keyed(workdir, tmp_path):
@@ -117,8 +84,8 @@ def test_precomputed_cache_equals_live_reference_and_is_keyed(workdir, tmp_path)
     assert main(cli(workdir, out, "--max-steps", "2")) == 0
     args = parse_args(cli(workdir, out))
     tokenizer = tiny_tokenizer()
-    sharing, _ = train_module.use_prefix_sharing(args.prefix_sharing, None, tiny_config("llama_tied"))  # auto, CPU: on
-    split = train_module.load_split(args.data, "train", tokenizer, args, 1, shuffle=True, prefix_sharing=sharing)
+    sharing, _ = plan_module.use_prefix_sharing(args.prefix_sharing, None, tiny_config("llama_tied"))  # auto, CPU: on
+    split = plan_module.load_split(args.data, "train", tokenizer, args, 1, shuffle=True, prefix_sharing=sharing)
     (cache_file,) = (out / "reference-cache").glob("ref-logps-*.pt")
     stored = torch.load(cache_file, weights_only=True)
     fingerprint = json.loads(stored["fingerprint"])
@@ -162,10 +129,11 @@ def test_reference_modes_model_and_none(workdir, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (("--loss", "simpo", "--ref", "precompute"), "reference-free"),
     (("--loss", "plackett_luce", "--num-weak", "2"), "weak negatives have no rank"),
-    (("--loss", "ipo", "--margin", "0.5"), "margin is not used"),
+    (("--loss", "ipo", "--margin", "0.5"), "--loss ipo does not use --margin"),
     (("--max-prompt-length", "600", "--max-length", "500"), "max-prompt-length"),
     (("--beta", "nan"), "--beta"),
-    (("--prefix-sharing", "on", "--attn", "flash_attention_2"), "needs attention that takes a mask"),
+    (("--prefix-sharing", "on", "--attn", "flash_attention_2", "--dtype", "bfloat16"),
+     "needs attention that takes a mask"),
     (("--filter-eps", "-1"), "--filter-eps must be a positive"),
     (("--filter-eps", "1e-5", "--backend", "torch"), "not --backend torch"),
 ])
@@ -177,7 +145,7 @@ def test_bad_options_are_rejected_before_loading(workdir, tmp_path, extra, messa
 
 
 def test_prefix_sharing_auto_falls_back_where_it_cannot_mask():
-    choose = train_module.use_prefix_sharing
+    choose = plan_module.use_prefix_sharing
     assert choose("auto", "sdpa", tiny_config("llama")) == (True, "")
     assert choose("off", "sdpa", tiny_config("llama"))[0] is False
     on, why = choose("auto", "flash_attention_2", tiny_config("llama"))
@@ -185,7 +153,7 @@ def test_prefix_sharing_auto_falls_back_where_it_cannot_mask():
     bidirectional = tiny_config("gemma3", use_bidirectional_attention=True)
     on, why = choose("auto", "sdpa", bidirectional)
     assert not on and "bidirectionally" in why
-    with pytest.raises(train_module.TrainError, match="bidirectionally"):
+    with pytest.raises(plan_module.TrainError, match="bidirectionally"):
         choose("on", "sdpa", bidirectional)
 
 

@@ -41,14 +41,24 @@ def resolve_model(spec: str, gguf_file: str | None = None, *, online: bool = Fal
     return (str(path) if path.exists() else spec), gguf_file
 
 
-def attention_implementation(choice: str, device: torch.device) -> str | None:
-    """`auto`: flash_attention_2 when flash-attn imports and the device is CUDA, else the model's own default
-    (sdpa for most models, eager where sdpa cannot reproduce the model, e.g. Gemma-2's attention softcapping)."""
+def attention_implementation(choice: str, device: torch.device, dtype: torch.dtype = torch.float32, *,
+                             masks: bool = False) -> str | None:
+    """The attention implementation to load a model with (None: the model's own default, sdpa for most models,
+    eager where sdpa cannot reproduce the model, e.g. Gemma-2's attention softcapping).
+
+    `auto` picks flash_attention_2 only where it can run and nothing is lost: on CUDA with flash-attn installed,
+    the model loaded in bf16/fp16 (flash-attn refuses fp32), and `masks` False (prefix sharing needs an attention
+    that takes a mask, which flash-attn's varlen kernels do not). An explicit flash_attention_2 in fp32 is an error.
+    """
     if choice not in ATTENTION:
         raise ModelLoadError(f"--attn must be one of {', '.join(ATTENTION)}; got {choice!r}")
+    half = dtype in (torch.bfloat16, torch.float16)
+    if choice == "flash_attention_2" and not half:
+        raise ModelLoadError(f"flash_attention_2 runs in bf16 or fp16 only; the model would load in {dtype} "
+                             "(pass --dtype bfloat16, or another --attn)")
     if choice != "auto":
         return choice
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    if device.type == "cuda" and half and not masks and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return None
 
@@ -80,14 +90,15 @@ def load_config(spec: str, gguf_file: str | None = None, *, online: bool = False
 
 
 def load_causal_lm(spec: str, gguf_file: str | None = None, *, attn: str = "auto", dtype=torch.float32,
-                   device="cpu", online: bool = False):
-    """A plain (never quantized) transformers causal LM in `dtype` on `device`."""
+                   device="cpu", online: bool = False, masks: bool = False):
+    """A plain (never quantized) transformers causal LM in `dtype` on `device`; `attn` and `masks` as in
+    `attention_implementation`."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
     path, gguf_file = resolve_model(spec, gguf_file, online=online)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    implementation = attention_implementation(attn, device)
+    implementation = attention_implementation(attn, device, dtype, masks=masks)
     if implementation:
         kwargs["attn_implementation"] = implementation
     try:

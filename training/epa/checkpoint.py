@@ -2,16 +2,30 @@
 
 A checkpoint is written to `checkpoints/.tmp-step-N` and renamed to `checkpoints/step-N` only once complete, so
 a run killed mid-write never leaves a checkpoint that looks whole. `trainer_state.json` inside it holds the
-optimizer step (the plan is a pure function of the seed, so the step is the data position) and the options
-that must not change across a resume.
+optimizer step (the plan is a pure function of the seed and options, so the step is the data position), the
+fingerprint of the options a resume must share, and a digest of the plan's steps taken so far: a resume goes on
+only when its own plan takes the same steps up to there, so a run may be extended (more epochs, a larger
+--max-steps) but never silently changed.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
+from epa_kernels.transformers.batching import plan_digest
+from training.epa.cli import TrainError
+
 STATE_FILE = "trainer_state.json"
+# Fault injection for the crash-and-resume test: EPA_CRASH_AT=POINT@UPDATE kills this process with SIGKILL there.
+CRASH_POINTS = ("mid-step", "checkpoint-writing", "checkpoint-renamed")
+
+
+def crash_point(name: str, update: int) -> None:
+    if os.environ.get("EPA_CRASH_AT") == f"{name}@{update}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -19,7 +33,7 @@ def checkpoint_dir(output_dir: Path) -> Path:
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first (a `.tmp-step-N` left by a crash is not one)."""
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
@@ -27,8 +41,9 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, fingerprint: dict, keep: int) -> Path:
-    """Save every process's share (accelerate), then rename the finished directory (main process)."""
+def save_checkpoint(accelerator, output_dir: Path, step: int, fingerprint: dict, plan: str, keep: int) -> Path:
+    """Save every process's share (accelerate), then rename the finished directory (main process). plan: the
+    `plan_digest` of the steps taken so far."""
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step}"
     temporary = root / f".tmp-step-{step}"
@@ -39,9 +54,12 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, fingerprint: dict,
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (temporary / STATE_FILE).write_text(json.dumps({"step": step, "fingerprint": fingerprint}, indent=1))
+        crash_point("checkpoint-writing", step)  # the weights and optimizer are written, the state file is not
+        state = {"step": step, "fingerprint": fingerprint, "plan": plan}
+        (temporary / STATE_FILE).write_text(json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         temporary.rename(final)
+        crash_point("checkpoint-renamed", step)
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -53,21 +71,36 @@ def find_resume_point(output_dir: Path, resume: str) -> Path:
     if resume == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {checkpoint_dir(output_dir)}")
+            raise TrainError(f"--resume: no complete checkpoint in {checkpoint_dir(output_dir)}")
         return found[-1]
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE})")
+        raise TrainError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE})")
     return path
 
 
-def load_checkpoint(accelerator, path: Path, fingerprint: dict) -> int:
-    """Restore the state saved at `path`; returns its optimizer step. Options that change the run are refused."""
+def check_resume(path: Path, fingerprint: dict, steps, accumulation: int, total_updates: int) -> int:
+    """The update to resume at, once the checkpoint is known to continue this run: the same options (each change
+    named) and a plan that takes the same steps up to the checkpoint. steps: this run's planned steps; accumulation:
+    steps per update. Raises TrainError (the program's one-line error) otherwise."""
     state = json.loads((path / STATE_FILE).read_text())
-    changed = sorted(k for k in fingerprint.keys() | state["fingerprint"].keys()
-                     if fingerprint.get(k) != state["fingerprint"].get(k))
+    saved = state["fingerprint"]
+    changed = sorted(k for k in fingerprint.keys() | saved.keys() if fingerprint.get(k) != saved.get(k))
     if changed:
-        details = ", ".join(f"{k}: {state['fingerprint'].get(k)!r} → {fingerprint.get(k)!r}" for k in changed)
-        raise ValueError(f"--resume {path}: the run's options changed since the checkpoint ({details})")
+        details = ", ".join(f"{k}: {saved.get(k)!r} → {fingerprint.get(k)!r}" for k in changed)
+        raise TrainError(f"--resume {path}: the run changed since the checkpoint ({details}); resume with the "
+                         "checkpoint's options or start a new --output-dir")
+    step = int(state["step"])
+    taken = step * accumulation
+    if step > total_updates or taken > len(steps):
+        raise TrainError(f"--resume {path}: the checkpoint is at update {step}, past this run's {total_updates} "
+                         "updates (raise --epochs or --max-steps)")
+    if plan_digest(steps[:taken]) != state["plan"]:
+        raise TrainError(f"--resume {path}: this run's plan does not take the checkpoint's {step} updates' steps "
+                         "(same options, so the data or the planner changed); start a new --output-dir")
+    return step
+
+
+def load_checkpoint(accelerator, path: Path) -> None:
+    """Restore the model, optimizer, scheduler and RNG states saved at `path` (after `check_resume`)."""
     accelerator.load_state(str(path))
-    return int(state["step"])

@@ -16,69 +16,20 @@ from pathlib import Path
 import torch
 
 from epa_kernels.transformers import (
-    BatchPlanner,
     PreferenceModel,
-    PreferenceTokenizer,
     ReferenceCache,
     data_fingerprint,
     fill_reference_cache,
     model_fingerprint,
-    read_preference_rows,
 )
-from epa_kernels.transformers.prefix_sharing import attention_windows
-from training.epa.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
-from training.epa.cli import NEEDS_SCORES, TrainError, loss_options
+from epa_kernels.transformers.batching import plan_digest
+from training.epa.checkpoint import check_resume, crash_point, find_resume_point, load_checkpoint, save_checkpoint
+from training.epa.cli import DTYPES, loss_options
 from training.epa.logs import MetricsLog, plot_curves
-from training.models import attention_implementation, load_causal_lm, load_config, load_tokenizer
+from training.epa.plan import Split, choose_attention, data_report, load_split, run_fingerprint
+from training.models import load_causal_lm, load_config, load_tokenizer
 
 METRICS = ("loss", "margin", "accuracy", "reward_positive", "reward_strong", "reward_weak", "positive_prob")
-PAIRWISE_LOSSES = ("epa", "dpo", "ipo", "simpo", "sdpo")  # need a single best response per prompt
-
-
-class Split:
-    """One data set ready to train or evaluate on: its examples, planner and (optionally) reference cache."""
-
-    def __init__(self, examples, stats, planner, cache=None):
-        self.examples, self.stats, self.planner, self.cache = examples, stats, planner, cache
-
-    def batch(self, prompts, device):
-        batch = self.planner.collate(prompts, device)
-        if self.cache is not None:
-            batch["ref_logps"] = self.cache.lookup(batch["keys"])
-        return batch
-
-
-def use_prefix_sharing(choice: str, attn: str | None, config) -> tuple[bool, str]:
-    """--prefix-sharing → (on?, why not): auto → on unless flash-attn runs the model (its varlen kernels take no
-    mask) or the model's attention is one the prefix masks cannot reproduce; on → the same checks, as errors."""
-    if choice == "off":
-        return False, "--prefix-sharing off"
-    reason = None
-    if attn == "flash_attention_2":
-        reason = ("flash_attention_2 takes no mask (--attn auto chose it when flash-attn is installed; pass --attn "
-                  "sdpa or flex_attention)")
-    else:
-        try:
-            attention_windows(config)
-        except ValueError as error:
-            reason = str(error)
-    if reason is None:
-        return True, ""
-    if choice == "on":
-        raise TrainError(f"--prefix-sharing on: {reason}")
-    return False, reason
-
-
-def load_split(spec, split, tokenizer, args, world_size, *, shuffle, prefix_sharing=False):
-    rows = read_preference_rows(spec, split=split)
-    tokenize = PreferenceTokenizer(tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                                   max_negatives=args.max_negatives, needs_scores=args.loss in NEEDS_SCORES,
-                                   strict_positive=args.loss in PAIRWISE_LOSSES)
-    examples, stats = tokenize(rows)
-    planner = BatchPlanner(examples, max_tokens_per_batch=args.max_tokens_per_batch, num_weak=args.num_weak,
-                           max_length=args.max_length, seed=args.seed, world_size=world_size, shuffle=shuffle,
-                           max_prompts_per_batch=args.max_prompts_per_batch, prefix_sharing=prefix_sharing)
-    return Split(examples, stats, planner)
 
 
 def progress_bar(accelerator, args, **kwargs):
@@ -92,7 +43,7 @@ def attach_reference(accelerator, args, split: Split, steps, reference, model_ha
     log-probs were computed now. model_hash: `model_fingerprint` of the reference's weights."""
     fingerprint = {"model": model_hash, "data": data_fingerprint(split.examples),
                    "max_length": args.max_length, "reduction": reference.loss_options["reduction"],
-                   "bf16": args.bf16}
+                   "bf16": args.bf16, "dtype": args.dtype}
     directory = Path(args.ref_cache_dir or Path(args.output_dir) / "reference-cache")
     split.cache = ReferenceCache(directory, fingerprint)
     keys = [key for step in steps for shard in step.shards for key in split.planner.sequence_keys(shard)]
@@ -129,15 +80,6 @@ def evaluate(accelerator, wrapper, split: Split, steps) -> dict:
     return reduce_metrics(accelerator, sums)
 
 
-def run_fingerprint(args, train: Split) -> dict:
-    """What a resumed run must share with the interrupted one."""
-    keys = ("model", "gguf_file", "loss", "beta", "weak_weight", "positive_weight", "margin", "label_smoothing",
-            "score_temperature", "ref", "ref_model", "max_length", "max_prompt_length", "max_negatives", "num_weak",
-            "max_tokens_per_batch", "max_prompts_per_batch", "lr", "weight_decay", "scheduler", "warmup_ratio",
-            "max_grad_norm", "gradient_accumulation_steps", "epochs", "max_steps", "seed", "bf16")
-    return {**{k: getattr(args, k) for k in keys}, "data": data_fingerprint(train.examples)}
-
-
 def make_optimizer(wrapper, args, total_updates):
     from transformers import get_scheduler
 
@@ -152,15 +94,28 @@ def make_optimizer(wrapper, args, total_updates):
 
 
 def save_model(accelerator, wrapper, tokenizer, path: Path) -> None:
-    """save_pretrained of the trained causal LM (full state dict gathered from DDP/FSDP shards)."""
+    """save_pretrained of the trained causal LM (full state dict gathered from DDP/FSDP shards), with `use_cache`
+    back on in its config: training turned the KV cache off, generation wants it."""
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(wrapper)
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(wrapper).model
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        model.config.use_cache = True
         model.save_pretrained(path, state_dict=state)
         tokenizer.save_pretrained(path)
     accelerator.wait_for_everyone()
+
+
+def checkpoint_due(accelerator, args, done: int, total: int, since: float) -> bool:
+    """--save-steps, or --save-minutes since the last checkpoint (not at the last update: the model is saved then).
+    Every rank must agree, since saving is collective: the main process's clock decides for all."""
+    if args.save_steps and done % args.save_steps == 0:
+        return True
+    if not args.save_minutes or done == total:
+        return False
+    due = torch.tensor([float(time.monotonic() - since >= 60 * args.save_minutes)], device=accelerator.device)
+    return bool(accelerator.reduce(due, reduction="max").item()) if accelerator.num_processes > 1 else bool(due)
 
 
 def run(args) -> dict:
@@ -178,9 +133,9 @@ def run(args) -> dict:
     say = accelerator.print
 
     tokenizer = load_tokenizer(args.model, args.gguf_file, online=args.online)
-    sharing, why_not = use_prefix_sharing(args.prefix_sharing, attention_implementation(args.attn, accelerator.device),
-                                          load_config(args.model, args.gguf_file, online=args.online))
-    if args.prefix_sharing == "auto" and not sharing:
+    attn, sharing, why_not = choose_attention(args, accelerator.device,
+                                              load_config(args.model, args.gguf_file, online=args.online))
+    if not sharing:
         say(f"prefix sharing off: {why_not}")
     train = load_split(args.data, args.data_split, tokenizer, args, world, shuffle=True, prefix_sharing=sharing)
     evaluation = (load_split(args.eval_data, args.eval_split, tokenizer, args, world, shuffle=False,
@@ -192,10 +147,13 @@ def run(args) -> dict:
     total_updates = math.ceil(len(steps) / accum)
     if args.max_steps is not None:
         total_updates = min(total_updates, args.max_steps)
-    say(f"data: {len(train.examples)} prompts, {sum(len(e.responses) for e in train.examples)} responses; "
-        f"{len(steps)} steps of ≤ {args.max_tokens_per_batch} tokens per rank × {world} rank(s) → "
-        f"{total_updates} optimizer updates; truncated: {train.stats.prompts_truncated} prompts, "
-        f"{train.stats.responses_truncated} responses; capped negatives: {train.stats.negatives_capped}")
+    fingerprint = run_fingerprint(args, train, world, sharing, attn)
+    resume_path = find_resume_point(out, args.resume) if args.resume else None
+    start = check_resume(resume_path, fingerprint, steps, accum, total_updates) if resume_path else 0
+    data_line, data_record = data_report(train)
+    say(f"data: {data_line}")
+    say(f"{len(steps)} steps of ≤ {args.max_tokens_per_batch} tokens per rank × {world} rank(s) → "
+        f"{total_updates} optimizer updates")
     if sharing and steps:
         shards = [train.planner.sequence_keys(shard) for step in steps for shard in step.shards]
         shared = sum(train.planner.packed_length(keys) for keys in shards)
@@ -206,8 +164,9 @@ def run(args) -> dict:
         say(f"warning: {args.num_weak} weak negatives asked per prompt, {sum(weak_drawn) / len(weak_drawn):.2f} "
             "drawn on average: steps with few prompts have few other responses (raise --max-tokens-per-batch)")
 
-    model = load_causal_lm(args.model, args.gguf_file, attn=args.attn, device=accelerator.device,
-                           online=args.online)
+    dtype = DTYPES[args.dtype]
+    model = load_causal_lm(args.model, args.gguf_file, attn=args.attn, dtype=dtype, device=accelerator.device,
+                           online=args.online, masks=sharing)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -216,9 +175,11 @@ def run(args) -> dict:
     if args.ref == "model" or (args.ref == "precompute" and args.ref_model):
         ref_model = PreferenceModel(
             load_causal_lm(args.ref_model or args.model, args.gguf_file if not args.ref_model else None,
-                           attn=args.attn, device=accelerator.device, online=args.online), **options)
+                           attn=args.attn, dtype=dtype, device=accelerator.device, online=args.online, masks=sharing),
+            **options)
     filtering = {"filter_eps": args.filter_eps} if args.filter_eps else {}  # the policy's gradient only
-    wrapper = PreferenceModel(model, ref_model=ref_model if args.ref == "model" else None, **options, **filtering)
+    wrapper = PreferenceModel(model, ref_model=ref_model if args.ref == "model" else None,
+                              disable_dropout=args.disable_dropout, **options, **filtering)
 
     computed = 0
     if args.ref == "precompute":
@@ -236,17 +197,14 @@ def run(args) -> dict:
     accelerator.register_for_checkpointing(scheduler)  # stepped by us: one step per optimizer update
 
     log = MetricsLog(out, enabled=accelerator.is_main_process)
-    fingerprint = run_fingerprint(args, train)
-    start = 0
-    if args.resume:
-        path = find_resume_point(out, args.resume)
-        start = load_checkpoint(accelerator, path, fingerprint)
+    if resume_path:
+        load_checkpoint(accelerator, resume_path)
         log.truncate_after(start)
-        say(f"resumed from {path} at update {start}")
+        say(f"resumed from {resume_path} at update {start}")
 
     bar = progress_bar(accelerator, args, total=total_updates, initial=start, desc="training")
     wrapper.train()
-    last = {}
+    last, last_save = {}, time.monotonic()
     for update in range(start, total_updates):
         micro = steps[update * accum : (update + 1) * accum]
         prompts_total = sum(step.num_prompts for step in micro)
@@ -263,6 +221,7 @@ def run(args) -> dict:
                     loss, metrics = wrapper(batch)
                 accelerator.backward(loss * (len(shard) * world / prompts_total))
             accumulate(sums, loss.detach(), metrics, len(shard))
+        crash_point("mid-step", update + 1)  # gradients computed, the optimizer not stepped
         grad_norm = (accelerator.clip_grad_norm_(wrapper.parameters(), args.max_grad_norm)
                      if args.max_grad_norm > 0 else None)
         optimizer.step()
@@ -285,8 +244,10 @@ def run(args) -> dict:
         bar.update(1)
         if evaluation and args.eval_steps and done % args.eval_steps == 0 and done < total_updates:
             log.write({"split": "eval", "step": done, **evaluate(accelerator, wrapper, evaluation, eval_steps)})
-        if args.save_steps and done % args.save_steps == 0:
-            save_checkpoint(accelerator, out, done, fingerprint, args.save_total_limit)
+        if checkpoint_due(accelerator, args, done, total_updates, last_save):
+            save_checkpoint(accelerator, out, done, fingerprint, plan_digest(steps[: done * accum]),
+                            args.save_total_limit)
+            last_save = time.monotonic()
     bar.close()
 
     final_eval = evaluate(accelerator, wrapper, evaluation, eval_steps) if evaluation else None
@@ -295,9 +256,11 @@ def run(args) -> dict:
     log.close()
     save_model(accelerator, wrapper, tokenizer, out / "model")
     summary = {"updates": total_updates, "resumed_from": start, "train": last, "eval": final_eval,
-               "weak_negatives_per_prompt": sum(weak_drawn) / len(weak_drawn),
+               "data": data_record, "weak_negatives_per_prompt": sum(weak_drawn) / len(weak_drawn),
                "reference_logps_computed": computed, "seconds": time.perf_counter() - started,
-               "world_size": world, "options": {k: v for k, v in vars(args).items()}}
+               "world_size": world, "attention": model.config._attn_implementation,
+               "prefix_sharing": {"on": sharing, "why_not": why_not or None},
+               "options": dict(vars(args))}
     if accelerator.is_main_process:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
         if (out / "metrics.jsonl").is_file():
