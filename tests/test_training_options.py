@@ -5,18 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_fixtures import cli, saved_weights
+from training_fixtures import cli, metrics, saved_weights
 
 from training.epa.__main__ import main
 from training.epa.cli import TRL_NAMES, build_parser, parse_args
 from training.models import ModelLoadError, attention_implementation
-
-TIMING = ("seconds", "tokens_per_second")
-
-
-def metrics(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def trl_cli(workdir, out, *extra):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_models import tiny_causal_lm, tiny_config, tiny_tokenizer
-from training_fixtures import ANSWERS, QUESTIONS, SEED, cli, saved_weights
+from training_fixtures import ANSWERS, QUESTIONS, SEED, cli, metrics, saved_weights
 
 from epa_kernels.transformers import BatchPlanner, PreferenceModel, PreferenceTokenizer, ReferenceCache
 from training.epa import plan as plan_module
@@ -60,12 +60,7 @@ def test_resume_is_bit_identical(workdir, tmp_path, monkeypatch):
     assert expected.keys() == resumed.keys()
     for name in expected:
         assert torch.equal(expected[name], resumed[name]), name
-    full_log = (full / "metrics.jsonl").read_text().splitlines()
-    resumed_log = (broken / "metrics.jsonl").read_text().splitlines()
-    strip = [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "tokens_per_second")}
-             for line in full_log]
-    assert strip == [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "tokens_per_second")}
-                     for line in resumed_log]
+    assert metrics(full) == metrics(broken)
 
 
 def test_resume_refuses_changed_options(workdir, tmp_path, capsys):

@@ -2,6 +2,7 @@
 and the command line the program tests share (the `workdir` fixture of conftest.py builds it)."""
 import json
 import random
+from pathlib import Path
 
 from tiny_models import tiny_causal_lm, tiny_tokenizer
 
@@ -40,3 +41,9 @@ def saved_weights(path):
     from safetensors.torch import load_file
 
     return load_file(str(path / "model" / "model.safetensors"))
+
+
+def metrics(out: Path) -> list[dict]:
+    """A run's metrics.jsonl without its timings (they differ between any two runs)."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "tokens_per_second")}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
