@@ -109,3 +109,23 @@ def test_killed_then_resumed_equals_uninterrupted(workdir, uninterrupted, tmp_pa
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["resumed_from"] == (4 if point == "checkpoint-renamed" else 2)
     assert_same_run(uninterrupted, out)
+
+
+def test_time_based_checkpoints_are_due_after_their_interval():
+    """--save-minutes (default 30): due once the interval has passed, never at the last update (the model is saved
+    then), off at 0; --save-steps is due on its own."""
+    import time
+    from types import SimpleNamespace
+
+    from training.epa.train import checkpoint_due
+
+    accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    args = SimpleNamespace(save_steps=0, save_minutes=30.0)
+    now = time.monotonic()
+    assert not checkpoint_due(accelerator, args, 1, 10, now)
+    assert checkpoint_due(accelerator, args, 1, 10, now - 31 * 60)
+    assert not checkpoint_due(accelerator, args, 10, 10, now - 31 * 60)
+    args.save_minutes = 0.0
+    assert not checkpoint_due(accelerator, args, 1, 10, now - 10**6)
+    args.save_steps = 2
+    assert checkpoint_due(accelerator, args, 4, 10, now) and not checkpoint_due(accelerator, args, 3, 10, now)
