@@ -1,15 +1,21 @@
 """Benchmark harness: implementations, timing, peak memory above inputs, correctness gate (DESIGN §6).
 
-Time: median over repeats after warm-up; CUDA events on GPU, perf_counter on CPU. Memory: on CUDA,
+Time: median over repeats after warm-up; CUDA events on GPU, perf_counter on CPU; the full pass's spread beside it
+(`spread`). Throughput: effective TFLOP/s of the full pass counted as 8·N·D·V, of the forward alone as 2·N·D·V
+(`Case.flops`, `Case.forward_flops`), whatever an implementation actually computes. Memory: on CUDA,
 the allocator's peak above what was allocated before the pass; on CPU, the process's peak resident
 set above the resident set before the pass, in a process whose glibc returns every large block to
 the OS (CPU_MEMORY_ENV), so memory freed by one pass cannot hide the next one's: the benchmark
 re-executes itself with it, anything else measures in a subprocess started with it.
 Every implementation's log-probs and gradients are compared with the reference first: a wrong result
-is reported as wrong, not timed as fast.
+is reported as wrong, not timed as fast. Two errors are reported: `error`, against the first implementation run
+in the same dtype (usually `reference`: the correctness gate, as before), and `error_fp32`, against the
+materialised reference computed in float32 on the same inputs upcast (`fp32_reference`), which says how far
+each implementation is from the exact function rather than from another bf16 computation.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -46,6 +52,9 @@ class Case:
     source "random": Gaussian hidden states and head (a flat softmax); "smollm2": SmolLM2-135M-Instruct's own
     final hidden states, head and next tokens on real dialogue (`benchmarks/activations.py`; D = 576,
     V = 49152), whose softmax is as peaked as a trained model's.
+
+    softcap c: every implementation applies z ← c·tanh(z / c) to the logits (Gemma's final-logit softcapping);
+    implementations that cannot are skipped with the reason. None: no softcap.
     """
 
     tokens: int
@@ -57,8 +66,14 @@ class Case:
     strong: int = 1
     weak: int = 0
     source: str = "random"
+    softcap: float | None = None
 
     def __post_init__(self):
+        if self.softcap is not None:
+            if isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)) or not (
+                    math.isfinite(self.softcap) and self.softcap > 0):
+                raise ValueError(f"softcap must be a positive finite number or None, got {self.softcap!r}")
+            object.__setattr__(self, "softcap", float(self.softcap))
         if self.source not in SOURCES:
             raise ValueError(f"unknown source {self.source!r}: use one of {', '.join(SOURCES)}")
         if self.source == "smollm2" and (self.hidden, self.vocab) != (activations.HIDDEN, activations.VOCAB):
@@ -80,7 +95,9 @@ class Case:
         name = self.kind
         if self.kind == "epa":
             name = f"epa-1+{self.strong}" + (f"+{self.weak}" if self.weak else "")
-        return name if self.source == "random" else f"{name} ({self.source})"
+        notes = ([] if self.source == "random" else [self.source]) + (
+            [] if self.softcap is None else [f"softcap {self.softcap:g}"])
+        return f"{name} ({', '.join(notes)})" if notes else name
 
     @property
     def group_size(self) -> int:
@@ -100,6 +117,11 @@ class Case:
     def flops(self) -> float:
         """Effective FLOPs of a full pass, counted as 8·N·D·V (forward GEMM + two backward GEMMs + recompute)."""
         return 8.0 * self.tokens * self.hidden * self.vocab
+
+    @property
+    def forward_flops(self) -> float:
+        """Effective FLOPs of the forward alone, counted as 2·N·D·V (the logits GEMM)."""
+        return 2.0 * self.tokens * self.hidden * self.vocab
 
     def inputs(self, device, seed=0):
         """(hidden, weight, targets, cu_seqlens, upstream gradient of the output)."""
@@ -144,24 +166,27 @@ def implementations(device: torch.device, case: Case, names=None) -> dict[str, C
 
     The reference materialises the logits (and, for loss cases, applies `preference_loss` to its
     per-sequence log-probs: the unfused path); then come our fused backends and the peers
-    (`benchmarks/peers.py`: Liger-Kernel, Cut Cross-Entropy, TRL, the reference under torch.compile).
+    (`benchmarks/peers.py`: Liger-Kernel, Cut Cross-Entropy, TRL, the reference under torch.compile). All of them
+    apply the case's softcap.
     """
+    softcap = case.softcap
     if case.kind == "logprobs":
         def reference_fn(h, w, t, cu):
-            return reference.linear_logprobs(h, w, t, cu_seqlens=cu)
+            return reference.linear_logprobs(h, w, t, cu_seqlens=cu, softcap=softcap)
 
         def fused_fn(h, w, t, cu, backend, filter_eps=None):
-            return epa_kernels.linear_logprobs(h, w, t, cu_seqlens=cu, backend=backend, filter_eps=filter_eps)
+            return epa_kernels.linear_logprobs(h, w, t, cu_seqlens=cu, softcap=softcap, backend=backend,
+                                               filter_eps=filter_eps)
     else:
         groups, ref_logps, options = case.loss_arguments(device)
 
         def reference_fn(h, w, t, cu):
-            logps = reference.linear_logprobs(h, w, t, cu_seqlens=cu)
+            logps = reference.linear_logprobs(h, w, t, cu_seqlens=cu, softcap=softcap)
             return preference_loss(logps, ref_logps, groups, **options)[0]
 
         def fused_fn(h, w, t, cu, backend, filter_eps=None):
             return fused_linear_preference_loss(h, w, t, groups, cu_seqlens=cu, ref_logps=ref_logps, backend=backend,
-                                                filter_eps=filter_eps, **options)[0]
+                                                softcap=softcap, filter_eps=filter_eps, **options)[0]
 
     impls: dict[str, Callable | str] = {"reference": reference_fn}
     for name, info in epa_kernels.backends().items():
@@ -210,8 +235,32 @@ def full_pass(fn, hidden, weight, targets, cu_seqlens, upstream):
     return logps, grads
 
 
-def time_pass(fn, inputs, device, *, warmup: int, repeats: int) -> dict[str, float]:
-    """Median forward / backward / full times in milliseconds."""
+def spread(values) -> tuple[float, float, str]:
+    """(low, high, what) of repeated timings: with 5 or more values their 20th and 80th percentiles (linear
+    interpolation between order statistics, numpy's default), what = "p20-p80"; with fewer, where those
+    percentiles would only interpolate between two or three values, their minimum and maximum, what = "min-max"."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("spread of no values")
+    if len(ordered) < SPREAD_MIN_REPEATS:
+        return ordered[0], ordered[-1], "min-max"
+
+    def percentile(q):
+        position = q * (len(ordered) - 1)
+        below = math.floor(position)
+        above = min(below + 1, len(ordered) - 1)
+        return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+    return percentile(0.2), percentile(0.8), "p20-p80"
+
+
+SPREAD_MIN_REPEATS = 5  # fewer repeats: the spread is their min-max, not p20-p80
+
+
+def time_pass(fn, inputs, device, *, warmup: int, repeats: int) -> dict:
+    """Median forward / backward / full times in milliseconds, and the full pass's spread over the repeats
+    (`full_lo_ms`, `full_hi_ms`: p20 and p80 from 5 repeats on, min and max below; `spread` says which)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     hidden, weight, targets, cu_seqlens, upstream = inputs
     fwd, bwd = [], []
     for i in range(warmup + repeats):
@@ -236,8 +285,9 @@ def time_pass(fn, inputs, device, *, warmup: int, repeats: int) -> dict[str, flo
             bwd.append(times[1])
         del logps
     full = [f + b for f, b in zip(fwd, bwd, strict=True)]
+    low, high, what = spread(full)
     return {"forward_ms": statistics.median(fwd), "backward_ms": statistics.median(bwd),
-            "full_ms": statistics.median(full)}
+            "full_ms": statistics.median(full), "full_lo_ms": low, "full_hi_ms": high, "spread": what}
 
 
 def _proc_status() -> dict[str, int]:
@@ -300,8 +350,105 @@ def measure_peak_memory(name: str, case: Case, device: torch.device) -> int | No
 
 
 def max_rel_error(got, expected) -> float:
-    got, expected = got.detach().double(), expected.detach().double()
-    return ((got - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+    """‖got − expected‖₂ / ‖expected‖₂ over all entries, in float64 slices (no float64 copy of a whole
+    [V, D] gradient). Shapes must match; NaN or inf in either gives NaN or inf (never passes a gate)."""
+    got, expected = got.detach(), expected.detach()
+    if got.shape != expected.shape:
+        raise ValueError(f"shape {tuple(got.shape)} compared with expected {tuple(expected.shape)}")
+    got, expected = got.reshape(-1), expected.reshape(-1)
+    diff = torch.zeros((), dtype=torch.float64, device=got.device)
+    norm = torch.zeros((), dtype=torch.float64, device=got.device)
+    for start in range(0, got.numel(), ERROR_SLICE):
+        a = got[start:start + ERROR_SLICE].double()
+        b = expected[start:start + ERROR_SLICE].to(a.device, torch.float64)
+        diff += (a - b).square().sum()
+        norm += b.square().sum()
+    return diff.sqrt().item() / max(norm.sqrt().item(), 1e-30)
+
+
+ERROR_SLICE = 1 << 24  # elements per float64 slice of max_rel_error
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """float32 matmuls in full precision (no TF32) inside, the previous setting restored after. Through the legacy
+    switch, which sets the legacy and the new (`fp32_precision`) flags together: setting only the new one after
+    the legacy one was used makes PyTorch refuse to read either."""
+    try:
+        previous = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the new API alone was used (PyTorch then refuses the legacy getter): stay with it
+        matmul = torch.backends.cuda.matmul
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = previous
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+# Bytes of [tokens, V] float32 temporaries per chunk of `fp32_reference` (about 8 live per chunk).
+FP32_CHUNK_BYTES = {"cuda": 4 << 30}
+FP32_CHUNK_BYTES_DEFAULT = 512 << 20
+
+
+def fp32_chunk_tokens(case: Case, device: torch.device) -> int:
+    """Tokens per chunk of `fp32_reference`: about eight [tokens, V] float32 buffers live in one chunk's pass."""
+    budget = FP32_CHUNK_BYTES.get(device.type, FP32_CHUNK_BYTES_DEFAULT)
+    return max(1, min(case.tokens, budget // (8 * 4 * case.vocab)))
+
+
+def fp32_reference(case: Case, inputs, device: torch.device, chunk_tokens: int | None = None):
+    """(output, d hidden, d weight) of the case in float32: the materialised reference (`epa_kernels.reference`,
+    logits in float32, matmuls without TF32) on the inputs upcast to float32, under the same upstream gradient.
+
+    Chunked over tokens (`fp32_chunk_tokens`), so any shape gets one: a pass without grad sums each chunk's token
+    log-probs into the sequences' log-probs, the case's output and its gradient w.r.t. those [S] log-probs follow
+    (the upstream for logprobs; for a loss, autograd through `preference_loss`), then each chunk is recomputed
+    with grad under its tokens' share of that gradient, d weight accumulating over chunks. The cost is one
+    float32 reference pass plus a forward, never an [N, V] buffer.
+    """
+    hidden, weight, targets, cu_seqlens, upstream = inputs
+    h = hidden.detach().float()
+    w = weight.detach().float().requires_grad_()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    num_seqs = lengths.numel()
+    seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=h.device), lengths)
+    if seq_of.numel() != h.shape[0]:
+        raise ValueError(f"cu_seqlens covers {seq_of.numel()} of {h.shape[0]} tokens")
+    step = chunk_tokens or fp32_chunk_tokens(case, device)
+    chunks = [(start, min(start + step, h.shape[0])) for start in range(0, h.shape[0], step)]
+
+    def token_logps(start, stop, h_chunk):
+        return reference.linear_logprobs(h_chunk, w, targets[start:stop], reduction="none", softcap=case.softcap)
+
+    with ieee_fp32():
+        with torch.no_grad():
+            logps = torch.zeros(num_seqs, dtype=torch.float32, device=h.device)
+            for start, stop in chunks:
+                logps.index_add_(0, seq_of[start:stop], token_logps(start, stop, h[start:stop]))
+        if case.kind == "logprobs":
+            output, per_seq = logps, upstream.float()
+        else:
+            groups, ref_logps, options = case.loss_arguments(device)
+            leaf = logps.clone().requires_grad_()
+            loss = preference_loss(leaf, ref_logps.float(), groups, **options)[0]
+            (per_seq,) = torch.autograd.grad(loss, leaf, grad_outputs=upstream.float())
+            output = loss.detach()
+        d_hidden, d_weight = torch.empty_like(h), torch.zeros_like(w)
+        for start, stop in chunks:
+            h_chunk = h[start:stop].clone().requires_grad_()
+            out = token_logps(start, stop, h_chunk)
+            g_hidden, g_weight = torch.autograd.grad(out, (h_chunk, w), grad_outputs=per_seq[seq_of[start:stop]])
+            d_hidden[start:stop] = g_hidden
+            d_weight += g_weight
+            del out, g_hidden, g_weight
+    return output, d_hidden, d_weight
 
 
 # Relative L2 error, per compute dtype, above which a result counts as wrong.
@@ -326,14 +473,36 @@ class Result:
     tflops: float | None = None
     error: float | None = None
     ratios: dict = field(default_factory=dict)
+    full_lo_ms: float | None = None  # the full pass's spread over the repeats: see `spread`
+    full_hi_ms: float | None = None
+    spread: str | None = None  # "p20-p80" (5 repeats or more) or "min-max"
+    forward_tflops: float | None = None  # 2·N·D·V over the median forward time
+    error_fp32: float | None = None  # against `fp32_reference`; None when not computed (fp32_error=False)
 
 
 def run_case(case: Case, device: torch.device, names, *, warmup: int, repeats: int, memory: bool = True,
-             progress=print) -> list[Result]:
-    """Check, time and measure each implementation on one case; ratios are against the reference."""
+             fp32_error: bool = True, progress=print) -> list[Result]:
+    """Check, time and measure each implementation on one case; ratios are against the reference.
+
+    The gate: each implementation's output and gradients against the first implementation run (`error`, its
+    dtype's tolerance; NaN fails). Beside it, with fp32_error, `error_fp32` against `fp32_reference` (computed once,
+    before the first implementation runs, and reported for wrong results too). `fp32_reference` is chunked over
+    tokens, so it fits beside the inputs at any shape; error_fp32 is None ("—" in the table) only without
+    fp32_error, for a result that failed or was skipped, or when the float32 reference itself failed (said in the
+    progress output).
+    """
     described = {**asdict(case), "name": case.name, "num_seqs": case.num_seqs}
     impls = implementations(device, case, set(names))
     inputs = case.inputs(device)
+    exact = None
+    if fp32_error and any(callable(impls.get(name)) for name in names):
+        progress("  float32 reference (error_fp32) …")
+        try:
+            exact = fp32_reference(case, inputs, device)
+        except Exception as exc:  # e.g. out of memory: the run goes on without error_fp32
+            progress(f"  float32 reference failed ({type(exc).__name__}: {exc}): no error_fp32 for this case")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     expected = None
     results = []
     for name in names:
@@ -348,9 +517,12 @@ def run_case(case: Case, device: torch.device, names, *, warmup: int, repeats: i
             if expected is None:  # the first implementation run is the reference
                 expected = (logps, *grads)
             error = max(max_rel_error(a, b) for a, b in zip((logps, *grads), expected, strict=True))
+            error_fp32 = None if exact is None else max(
+                max_rel_error(a, b) for a, b in zip((logps, *grads), exact, strict=True))
             del logps, grads
-            if error > tolerance(name, case.dtype):
-                results.append(Result(name, described, f"wrong: relative error {error:.2e}", error=error))
+            if not error <= tolerance(name, case.dtype):
+                results.append(Result(name, described, f"wrong: relative error {error:.2e}", error=error,
+                                      error_fp32=error_fp32))
                 continue
             timing = time_pass(impl, inputs, device, warmup=warmup, repeats=repeats)
         except Exception as exc:  # a broken implementation is reported, the run goes on
@@ -362,8 +534,11 @@ def run_case(case: Case, device: torch.device, names, *, warmup: int, repeats: i
             peak = peak_memory(impl, inputs, device)  # warmed up by the timing runs
         else:
             peak = measure_peak_memory(name, case, device)
-        tflops = case.flops / (timing["full_ms"] * 1e-3) / 1e12
-        results.append(Result(name, described, "ok", peak_bytes=peak, tflops=tflops, error=error, **timing))
+        tflops = case.flops / (timing["full_ms"] * 1e-3) / 1e12 if timing["full_ms"] > 0 else None
+        forward_tflops = case.forward_flops / (timing["forward_ms"] * 1e-3) / 1e12 if timing["forward_ms"] > 0 \
+            else None
+        results.append(Result(name, described, "ok", peak_bytes=peak, tflops=tflops, error=error,
+                              forward_tflops=forward_tflops, error_fp32=error_fp32, **timing))
     base = next((r for r in results if r.impl == "reference" and r.status == "ok"), None)
     for r in results:
         if base is not None and r.status == "ok":

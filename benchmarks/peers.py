@@ -4,7 +4,8 @@ Every adapter is fn(hidden [N, D], weight [V, D], targets [N], cu_seqlens [S+1])
 the function the harness's reference computes, so that the correctness gate compares like with like:
 logprobs: per-sequence SUM of token log-probs [S] fp32; dpo / epa: the mean over prompts of the preference
 loss on summed sequence log-probs and the case's precomputed reference log-probs. Differentiable w.r.t. hidden
-and weight. A peer that cannot run here is "skipped: <reason>".
+and weight. A peer that cannot run here is "skipped: <reason>". Every adapter applies the case's softcap
+(z ← c·tanh(z / c)) or is skipped saying it cannot.
 
 - reference-compile: the materialised reference (logits = h @ Wᵀ, log_softmax, gather) under torch.compile.
 - liger (liger-kernel, written against 0.8.5): logprobs → `liger_fused_linear_cross_entropy(...,
@@ -12,12 +13,24 @@ and weight. A peer that cannot run here is "skipped: <reason>".
   (pure PyTorch, chunk_size=1 pair, loss_type="sigmoid", summed log-probs, no NLL term) on Liger's chosen-first
   padded [2P, T, D] layout. Liger takes no precomputed reference log-probs (it runs a reference model itself), so
   a subclass feeds ours to its per-chunk loss from Python; that is why it runs with compiled=False (torch.compile
-  would specialise on the chunk index). epa: skipped, Liger has no multi-negative loss.
+  would specialise on the chunk index). epa: skipped, Liger has no multi-negative loss. Softcap: its fused linear
+  cross entropy takes `softcap=` (logprobs); its DPO has none (skipped).
+- liger-per-token (liger-kernel 0.8.5): `liger_kernel.ops.LigerFusedLinearScaledCrossEntropyFunction.apply(h, W,
+  targets)`, Liger's fused-linear per-token NLL (+ entropy on request, not used here: the log-probs are what is
+  compared), −NLL summed per sequence; for loss cases the loss head below on top. It is the only per-token
+  log-prob/NLL op in 0.8.5 (searched: `liger_kernel.ops`, `.transformers.functional`, `.chunked_loss` for
+  per_token / logprob / selective / nll / entropy; the others are GRPO's `fused_selective_log_softmax` on given
+  logits and `chunked_loss.fused_linear_ppo._ChunkedSelectiveLogProbFunction`, a private chunked-torch helper).
+  Liger dispatches it to a CuTe-DSL kernel on compute capability 9.0 (H100/H200: bf16 only, needs the
+  `nvidia-cutlass-dsl` package, no softcap, validates targets with a host sync by default) and elsewhere to a
+  512-token PyTorch fallback adapted from verl. Only the kernel is timed: CUDA sm_90 in bf16; anything else is
+  skipped with the reason (the fallback is what the tests check the adapter with, on CPU).
 - cce (cut-cross-entropy, written against 25.1.1): `linear_cross_entropy(e, c, targets, reduction="none")`, −NLL
   summed per sequence; "cce" is its Triton kernel (CUDA only, default filter_eps="high"), "cce-torch-compile" its
-  impl="torch_compile" fallback (logits + cross_entropy under torch.compile).
+  impl="torch_compile" fallback (logits + cross_entropy under torch.compile). Softcap: `softcap=`.
 - trl (trl, written against 1.16.0): `trl.kernels.ChunkedLogProbFunction`, what TRL's trainers call through
   `add_fused_lm_head` (vocabulary tiles of 32768, torch tiles where Triton/CUDA is absent), summed per sequence.
+  Softcap: its `final_logit_softcapping` argument.
 
 For loss cases the log-prob peers (reference-compile, cce, trl) add the loss on top of their log-probs: DPO written
 out as TRL's trainer does (−log σ(β·Δ), mean over pairs), EPA from `epa_kernels.preference_loss` (no peer has it).
@@ -103,9 +116,11 @@ def _from_token_logps(token_logps_fn, head):
 
 # --- reference under torch.compile -------------------------------------------------------------------------------
 
-def _materialised_token_logps(hidden, weight, targets, ignore_index: int = -100):
+def _materialised_token_logps(hidden, weight, targets, ignore_index: int = -100, softcap: float | None = None):
     logits = hidden @ weight.t()
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     valid = targets != ignore_index
     token = torch.log_softmax(logits, dim=-1).gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
     return token * valid
@@ -120,7 +135,8 @@ def _reference_compile(device, case, head):
     reason = _compile_unavailable(device)
     if reason is not None:
         return f"skipped: {reason}"
-    return _from_token_logps(lambda h, w, t: _compiled_token_logps()(h, w, t), head)
+    softcap = case.softcap
+    return _from_token_logps(lambda h, w, t: _compiled_token_logps()(h, w, t, softcap=softcap), head)
 
 
 # --- Liger-Kernel ------------------------------------------------------------------------------------------------
@@ -173,13 +189,22 @@ def _liger(device, case, head):
         functional = _import("liger_kernel.transformers.functional", "liger-kernel")
         if isinstance(functional, str):
             return functional
+        options = {}
+        if case.softcap is not None:
+            import inspect
+
+            if "softcap" not in inspect.signature(functional.liger_fused_linear_cross_entropy).parameters:
+                return "skipped: this liger-kernel's liger_fused_linear_cross_entropy takes no softcap"
+            options["softcap"] = case.softcap
 
         def liger_token_logps(hidden, weight, targets):
             nll = functional.liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100,
-                                                               reduction="none")
+                                                               reduction="none", **options)
             return -nll.float()
         return _from_token_logps(liger_token_logps, None)
 
+    if case.softcap is not None:
+        return "skipped: Liger's LigerFusedLinearDPOFunction has no logit softcap"
     module = _import("liger_kernel.chunked_loss.dpo_loss", "liger-kernel")
     if isinstance(module, str):
         return module
@@ -208,6 +233,37 @@ def _liger(device, case, head):
     return liger_dpo
 
 
+def _liger_per_token(device, case, head, allow_fallback: bool = False):
+    """Liger's fused-linear per-token NLL; allow_fallback (tests): also where Liger runs its PyTorch fallback."""
+    if case.softcap is not None:
+        return "skipped: Liger's per-token op (LigerFusedLinearScaledCrossEntropyFunction) has no logit softcap"
+    if not allow_fallback:
+        if device.type != "cuda":
+            return ("skipped: Liger's per-token op is a CuTe-DSL kernel for CUDA sm_90 only (on other devices Liger "
+                    "runs a 512-token PyTorch fallback, not timed)")
+        capability = torch.cuda.get_device_capability(device)
+        if capability != (9, 0):
+            return (f"skipped: Liger's per-token kernel is for sm_90 only; on sm_{capability[0]}{capability[1]} Liger "
+                    "runs a 512-token PyTorch fallback, not timed")
+        if case.dtype != "bfloat16":
+            return f"skipped: Liger's sm_90 per-token kernel takes bfloat16 only, not {case.dtype}"
+    module = _import("liger_kernel.ops.fused_linear_scaled_cross_entropy", "liger-kernel")
+    if isinstance(module, str):
+        return module
+    function = getattr(module, "LigerFusedLinearScaledCrossEntropyFunction", None)
+    if function is None:
+        return "skipped: not in this Liger version (no LigerFusedLinearScaledCrossEntropyFunction)"
+    if not allow_fallback:
+        try:
+            module._load_sm90_function()
+        except Exception as exc:  # ImportError without nvidia-cutlass-dsl: Liger's own dispatch would raise it too
+            return f"skipped: Liger's sm_90 per-token kernel is not importable ({type(exc).__name__}: {exc})"
+
+    def liger_token_logps(hidden, weight, targets):
+        return -function.apply(hidden, weight, targets, 1.0, -100).float()
+    return _from_token_logps(liger_token_logps, head)
+
+
 # --- Cut Cross-Entropy -------------------------------------------------------------------------------------------
 
 def _cce(device, case, head, impl):
@@ -222,7 +278,8 @@ def _cce(device, case, head, impl):
         return module
 
     def cce_token_logps(hidden, weight, targets):
-        nll = module.linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="none", impl=impl)
+        nll = module.linear_cross_entropy(hidden, weight, targets, ignore_index=-100, softcap=case.softcap,
+                                          reduction="none", impl=impl)
         return -nll.float()
     return _from_token_logps(cce_token_logps, head)
 
@@ -237,7 +294,7 @@ def _trl(device, case, head):
     def trl_token_logps(hidden, weight, targets):
         valid = targets != -100  # as add_fused_lm_head's non-compact path: score every row, zero the ignored ones
         logps = module.ChunkedLogProbFunction.apply(hidden, weight, None, targets.clamp(min=0), 1.0, TRL_VOCAB_CHUNK,
-                                                    None, 1.0, ("log_probs",))[0]
+                                                    case.softcap, 1.0, ("log_probs",))[0]
         return logps.float().masked_fill(~valid, 0.0)
     return _from_token_logps(trl_token_logps, head)
 
@@ -252,6 +309,7 @@ def peer_implementations(device: torch.device, case, names=None) -> dict[str, Ca
     builders = {
         "reference-compile": lambda: _reference_compile(device, case, head),
         "liger": lambda: _liger(device, case, head),
+        "liger-per-token": lambda: _liger_per_token(device, case, head),
         "cce": lambda: _cce(device, case, head, "cce"),
         "cce-torch-compile": lambda: _cce(device, case, head, "torch_compile"),
         "trl": lambda: _trl(device, case, head),

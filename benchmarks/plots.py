@@ -10,7 +10,8 @@ import os
 from collections import defaultdict
 
 # One colour per implementation in every panel and every plot.
-_ORDER = ["reference", "reference-compile", "triton", "native", "torch", "liger", "cce", "cce-torch-compile", "trl"]
+_ORDER = ["reference", "reference-compile", "triton", "native", "torch", "liger", "liger-per-token", "cce",
+          "cce-torch-compile", "trl"]
 
 
 def _case_panel(r):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from benchmarks import activations, harness, run
+from epa_kernels import preference_loss, reference
 
 
 def test_tiny_run_end_to_end(tmp_path):
@@ -88,3 +89,152 @@ def test_smollm2_activations_are_a_trained_models(tmp_path, monkeypatch):
     assert nll < 4.0, f"mean NLL {nll:.2f} (chance: {torch.log(torch.tensor(49152.0)).item():.1f})"
     assert log_probs.exp().amax(1).mean() > 0.3
     torch.testing.assert_close(activations.load(512, 2)["hidden"], data["hidden"])  # from the cache
+
+
+# --- softcap, spread, forward throughput, error against float32, presets ------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+def fp64_expected(case, inputs):
+    """The case's output and gradients from `epa_kernels.reference` in float64 (DESIGN §5's ground truth)."""
+    hidden, weight, targets, cu_seqlens, upstream = inputs
+    h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    out = reference.linear_logprobs(h, w, targets, cu_seqlens=cu_seqlens, softcap=case.softcap)
+    if case.kind != "logprobs":
+        groups, ref_logps, options = case.loss_arguments(CPU)
+        out = preference_loss(out, ref_logps.double(), groups, **options)[0]
+    return (out, *torch.autograd.grad(out, (h, w), grad_outputs=upstream.double()))
+
+
+@pytest.mark.parametrize("kind", ["logprobs", "dpo"])
+def test_softcap_case_matches_the_fp64_reference(kind):
+    """A softcap that bites (logits ~ N(0, 1), c = 0.8) reaches every implementation: each matches the float64
+    reference with that softcap, and is far from the one without it."""
+    torch.manual_seed(0)
+    case = harness.Case.parse(kind, tokens=70, hidden=16, vocab=300, softcap=0.8)
+    assert case.name == f"{kind} (softcap 0.8)" and case.softcap == 0.8
+    inputs = case.inputs(CPU)
+    want = fp64_expected(case, inputs)
+    uncapped = fp64_expected(harness.Case.parse(kind, tokens=70, hidden=16, vocab=300), inputs)
+    assert max(harness.max_rel_error(a, b) for a, b in zip(uncapped, want, strict=True)) > 1e-2
+    impls = harness.implementations(CPU, case, {"reference-compile", "trl"})
+    checked = []
+    for name in ("reference", "native", "torch", "reference-compile", "trl"):
+        fn = impls[name]
+        if isinstance(fn, str):
+            assert fn.startswith("skipped: "), fn
+            continue
+        logps, grads = harness.full_pass(fn, *inputs)
+        for what, a, b in zip(("output", "d hidden", "d weight"), (logps, *grads), want, strict=True):
+            assert harness.max_rel_error(a, b) < 1e-5, f"{name} {what}: {harness.max_rel_error(a, b):.1e}"
+        checked.append(name)
+    assert {"reference", "native", "torch"} <= set(checked)
+    for softcap in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap"):
+            harness.Case(tokens=8, hidden=8, vocab=8, softcap=softcap)
+
+
+def test_fp32_reference_is_exact_up_to_float32_and_chunking():
+    """The float32 reference of a bf16 case is the float64 reference of the same (upcast) inputs to float32
+    rounding, for any chunking over tokens; the matmul precision is restored after it."""
+    for kind in ("logprobs", "epa-1+2"):
+        case = harness.Case.parse(kind, tokens=70, hidden=16, vocab=300, dtype="bfloat16", seqs=12, softcap=2.0)
+        inputs = case.inputs(CPU)
+        want = fp64_expected(case, inputs)
+        before = torch.get_float32_matmul_precision()
+        for chunk in (None, 1, 9):
+            got = harness.fp32_reference(case, inputs, CPU, chunk_tokens=chunk)
+            assert all(g.dtype == torch.float32 for g in got)
+            assert max(harness.max_rel_error(a, b) for a, b in zip(got, want, strict=True)) < 1e-5
+        assert torch.get_float32_matmul_precision() == before
+    assert harness.fp32_chunk_tokens(harness.Case(tokens=10**6, hidden=8, vocab=262144), CPU) * 262144 * 4 * 8 <= \
+        harness.FP32_CHUNK_BYTES_DEFAULT
+
+
+def test_spread_is_p20_p80_from_five_repeats_else_min_max():
+    assert harness.spread([5.0, 1.0, 3.0, 2.0, 4.0]) == pytest.approx((1.8, 4.2, "p20-p80"))
+    assert harness.spread(list(range(11))) == pytest.approx((2.0, 8.0, "p20-p80"))
+    assert harness.spread([3.0, 1.0, 2.0, 9.0]) == (1.0, 9.0, "min-max")
+    assert harness.spread([7.0]) == (7.0, 7.0, "min-max")
+
+
+@pytest.mark.parametrize("repeats", [2, 6])
+def test_spread_and_forward_throughput_are_reported(repeats):
+    case = harness.Case(tokens=128, hidden=16, vocab=500, seqs=2)
+    results = harness.run_case(case, CPU, ["reference", "native"], warmup=1, repeats=repeats, memory=False,
+                               progress=lambda _: None)
+    for r in results:
+        assert r.status == "ok", r
+        assert 0 < r.full_lo_ms <= r.full_ms <= r.full_hi_ms, r
+        assert r.spread == ("min-max" if repeats < 5 else "p20-p80")
+        assert r.forward_tflops == pytest.approx(2 * 128 * 16 * 500 / (r.forward_ms * 1e-3) / 1e12)
+        assert r.tflops == pytest.approx(8 * 128 * 16 * 500 / (r.full_ms * 1e-3) / 1e12)
+        # the forward is part of the full pass: its rate per its quarter of the FLOPs
+        assert r.forward_tflops * r.forward_ms == pytest.approx(r.tflops * r.full_ms / 4)
+
+
+def test_error_fp32_is_tiny_for_exact_and_large_for_perturbed_implementations(monkeypatch):
+    """error_fp32 does not depend on which implementation runs first: a perturbed one run first passes the gate
+    (it is the gate's baseline) yet shows its 1% error against float32; the exact reference after it fails the
+    gate against it, with a tiny error_fp32. A NaN result never passes."""
+    real = harness.implementations
+
+    def with_bad_ones(device, case, names=None):
+        impls = real(device, case, names)
+        impls["perturbed"] = lambda h, w, t, cu: impls["reference"](h, w, t, cu) * 1.01
+        impls["nan"] = lambda h, w, t, cu: impls["reference"](h, w, t, cu) * float("nan")
+        return impls
+
+    monkeypatch.setattr(harness, "implementations", with_bad_ones)
+    case = harness.Case(tokens=64, hidden=16, vocab=300, seqs=4)
+    first, exact, native, nan = harness.run_case(case, CPU, ["perturbed", "reference", "native", "nan"], warmup=0,
+                                                 repeats=1, memory=False, progress=lambda _: None)
+    assert first.status == "ok" and first.error == 0 and first.error_fp32 == pytest.approx(1e-2, rel=1e-3)
+    assert exact.status.startswith("wrong") and exact.error_fp32 < 1e-6
+    assert native.status.startswith("wrong") and native.error_fp32 < 1e-5
+    assert nan.status.startswith("wrong"), nan
+    ok = harness.run_case(case, CPU, ["reference", "native"], warmup=0, repeats=1, memory=False,
+                          fp32_error=False, progress=lambda _: None)
+    assert all(r.status == "ok" and r.error_fp32 is None for r in ok)
+
+
+def test_gpu_presets_are_the_intended_cases():
+    bf16 = {"dtype": "bfloat16"}
+    assert run.preset_cases("gpu-peers") == [
+        harness.Case(tokens=8192, hidden=4096, vocab=128256, **bf16),
+        harness.Case(tokens=32768, hidden=4096, vocab=128256, **bf16),
+        harness.Case(tokens=16384, hidden=2048, vocab=151936, **bf16),
+        harness.Case(tokens=8192, hidden=2304, vocab=262144, softcap=30.0, **bf16),
+    ]
+    assert run.PRESETS["gpu-peers"]["impls"] == ["reference", "reference-compile", "triton", "liger", "cce", "trl"]
+    losses = run.preset_cases("gpu-losses")
+    assert [c.name for c in losses] == ["logprobs", "dpo", "epa-1+3+60"]
+    assert {(c.tokens, c.hidden, c.vocab, c.dtype, c.softcap) for c in losses} == {(8192, 4096, 128256, "bfloat16",
+                                                                                      None)}
+    assert run.PRESETS["gpu-losses"]["impls"] == ["reference", "triton", "liger", "cce"]
+    for name, preset in run.PRESETS.items():  # every preset still parses; implementations are known names
+        assert run.preset_cases(name), name
+        assert set(preset.get("impls", run.IMPLS)) <= set(run.IMPLS) | {i for i in preset.get("impls", ())
+                                                                         if harness.FILTER_SEP in i}
+    assert len(run.preset_cases("gpu")) == 7 * 2 + 2 + 1 + 4
+    assert run.preset_cases("gpu-peers", softcap=50.0)[0].softcap == 50.0  # --softcap replaces the grids' own
+    assert run.parse_args(["--softcap", "30"]).softcap == 30.0
+
+
+def test_cli_softcap_run_writes_the_new_fields(tmp_path):
+    results = run.main(["--device", "cpu", "--tokens", "64", "--hidden", "16", "--vocab", "300", "--softcap", "30",
+                        "--repeats", "5", "--warmup", "0", "--no-memory", "--cases", "logprobs", "dpo",
+                        "--impls", "reference", "native", "liger-per-token", "--out", str(tmp_path)])
+    assert [r.case["name"] for r in results][::3] == ["logprobs (softcap 30)", "dpo (softcap 30)"]
+    assert all(r.case["softcap"] == 30.0 for r in results)
+    assert results[2].status.startswith("skipped: ") and "softcap" in results[2].status
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["settings"]["spread"] == "p20-p80" and saved["settings"]["softcap"] == 30.0
+    native = next(r for r in saved["results"] if r["impl"] == "native")
+    for key in ("full_lo_ms", "full_hi_ms", "forward_tflops", "error_fp32"):
+        assert native[key] is not None and native[key] >= 0, key
+    assert native["spread"] == "p20-p80" and native["error_fp32"] < 1e-5
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| full spread ms |" in markdown and "| fwd TFLOP/s |" in markdown and "| error vs fp32 |" in markdown
+    assert "| dpo (softcap 30) | native |" in markdown and "native: dpo (softcap 30) takes" in markdown

@@ -10,13 +10,15 @@ from benchmarks.harness import Case, implementations, max_rel_error
 from epa_kernels import preference_loss, reference
 
 CPU = torch.device("cpu")
-PEERS = ("reference-compile", "liger", "cce", "cce-torch-compile", "trl")
-PACKAGE = {"liger": "liger_kernel", "cce": "cut_cross_entropy", "cce-torch-compile": "cut_cross_entropy", "trl": "trl"}
+PEERS = ("reference-compile", "liger", "liger-per-token", "cce", "cce-torch-compile", "trl")
+PACKAGE = {"liger": "liger_kernel", "liger-per-token": "liger_kernel", "cce": "cut_cross_entropy",
+           "cce-torch-compile": "cut_cross_entropy", "trl": "trl"}
 CASES = ("logprobs", "dpo", "epa-1+2")
 
 
-def small_case(kind, tokens=64):
-    return Case.parse(kind, tokens=tokens, hidden=16, vocab=300, seqs=12 if kind.startswith("epa") else 8)
+def small_case(kind, tokens=64, softcap=None):
+    return Case.parse(kind, tokens=tokens, hidden=16, vocab=300, seqs=12 if kind.startswith("epa") else 8,
+                      softcap=softcap)
 
 
 def outputs_and_grads(fn, inputs):
@@ -84,6 +86,63 @@ def test_cuda_only_and_missing_loss_peers_are_skipped_on_cpu():
     if importlib.util.find_spec("liger_kernel") is not None:
         assert "CUDA" in logprobs["liger"]
     assert "multi-negative" in epa["liger"]
+    assert all("CUDA sm_90" in impls["liger-per-token"] for impls in (logprobs, dpo, epa))
+
+
+@pytest.mark.parametrize("kind", ["logprobs", "dpo"])
+@pytest.mark.parametrize("name", PEERS)
+def test_peer_softcap_matches_the_fp64_reference_or_is_skipped_saying_why(name, kind):
+    """With a softcap that bites (c = 0.8 on logits ~ N(0, 1)) a peer either applies it, matching the float64
+    reference, or is skipped with a reason (CUDA-only here, or no softcap)."""
+    case = small_case(kind, tokens=70, softcap=0.8)
+    fn = peer_or_skip(name, case)
+    inputs = case.inputs(CPU)
+    hidden, weight, targets, cu_seqlens, upstream = inputs
+    h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want = reference.linear_logprobs(h, w, targets, cu_seqlens=cu_seqlens, softcap=0.8)
+    if kind != "logprobs":
+        groups, ref_logps, options = case.loss_arguments(CPU)
+        want = preference_loss(want, ref_logps.double(), groups, **options)[0]
+    want = (want, *torch.autograd.grad(want, (h, w), grad_outputs=upstream.double()))
+    for what, a, b in zip(("output", "grad hidden", "grad weight"), outputs_and_grads(fn, inputs), want, strict=True):
+        assert max_rel_error(a, b) < 1e-5, f"{name} {kind} {what}: relative error {max_rel_error(a, b):.2e}"
+
+
+def test_softcap_skips_name_the_softcap():
+    if importlib.util.find_spec("liger_kernel") is None:
+        pytest.skip("liger_kernel not installed")
+    dpo = peers.peer_implementations(CPU, small_case("dpo", softcap=30.0))
+    assert "softcap" in dpo["liger"] and "softcap" in dpo["liger-per-token"]
+
+
+@pytest.mark.parametrize("kind", CASES)
+def test_liger_per_token_adapter_matches_reference(kind):
+    """The liger-per-token adapter (timed only on sm_90's kernel) computes the reference's function: checked through
+    the PyTorch fallback Liger dispatches to on CPU, with ignored tokens and uneven sequences."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        pytest.skip("liger_kernel not installed")
+    case = small_case(kind, tokens=70)
+    fn = peers._liger_per_token(CPU, case, peers._loss_head(case, CPU), allow_fallback=True)
+    assert callable(fn), fn
+    hidden, weight, targets, cu_seqlens, upstream = case.inputs(CPU)
+    targets = targets.clone()
+    targets[::7] = -100
+    inputs = (hidden, weight, targets, cu_seqlens, upstream)
+    for a, b in zip(outputs_and_grads(fn, inputs), expected(case, inputs), strict=True):
+        assert max_rel_error(a, b) < 1e-5
+
+
+def test_liger_has_a_per_token_op():
+    """Liger 0.8.5's per-token op the adapter is written against: per-token NLL (+ entropy), no softcap argument."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        pytest.skip("liger_kernel not installed")
+    import inspect
+
+    from liger_kernel.ops.fused_linear_scaled_cross_entropy import LigerFusedLinearScaledCrossEntropyFunction
+
+    params = list(inspect.signature(LigerFusedLinearScaledCrossEntropyFunction.apply).parameters)
+    assert params[:5] == ["_input", "weight", "target", "temperature", "ignore_index"]
+    assert "return_entropy" in params and "softcap" not in params
 
 
 def test_missing_package_is_a_skip_naming_it(monkeypatch):
