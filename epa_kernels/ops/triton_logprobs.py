@@ -301,10 +301,11 @@ def _num_sms(device: torch.device) -> int:
     return 2  # interpreter: still split the vocabulary a few ways
 
 
-def forward(hidden, weight, bias, targets, *, temperature=1.0, softcap=None, with_entropy=False):
+def forward(hidden, weight, bias, targets, *, temperature=1.0, softcap=None, with_entropy=False, config=None):
     """hidden [M, D], weight [V, D], bias [V] | None, targets [M] int64 in [0, V).
 
-    Returns (logp [M], lse [M], ez [M] | None), all fp32.
+    Returns (logp [M], lse [M], ez [M] | None), all fp32. `config`: a `_Config` tile to launch with instead of
+    the shipped one (for benchmarks/tile_sweep.py; None = the launcher's choice).
     """
     num_tokens, dim = hidden.shape
     vocab = weight.shape[0]
@@ -313,7 +314,7 @@ def forward(hidden, weight, bias, targets, *, temperature=1.0, softcap=None, wit
         empty = torch.empty(0, device=device, dtype=torch.float32)
         return empty, empty.clone(), empty.clone() if with_entropy else None
 
-    cfg = _config(num_tokens, hidden.dtype, _FORWARD_CONFIG, _FORWARD_CONFIG_FEW_TOKENS)
+    cfg = config or _config(num_tokens, hidden.dtype, _FORWARD_CONFIG, _FORWARD_CONFIG_FEW_TOKENS)
     num_pid_m = triton.cdiv(num_tokens, cfg.block_m)
     num_tiles_v = triton.cdiv(vocab, cfg.block_v)
     splits = min(num_tiles_v, max(1, _PROGRAMS_PER_SM * _num_sms(device) // num_pid_m))
@@ -343,12 +344,13 @@ def forward(hidden, weight, bias, targets, *, temperature=1.0, softcap=None, wit
 
 
 def backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c=None, *, temperature=1.0,
-             softcap=None, need_hidden=True, need_weight=True, need_bias=True, filter_eps=None):
+             softcap=None, need_hidden=True, need_weight=True, need_bias=True, filter_eps=None, config=None):
     """Gradients (d hidden [M, D] | None, d weight [V, D] | None, d bias [V] | None) in the input dtypes.
 
     lse, coef_a, coef_b, coef_c: [M] fp32 (coef_c None when no entropy gradient).
     `filter_eps`: skip (token block, vocab block) tiles whose every probability is below filter_eps and that
-    hold no counted target (None = exact gradient).
+    hold no counted target (None = exact gradient). `config`: a `_Config` tile to launch with instead of the
+    shipped one (for benchmarks/tile_sweep.py; None = the launcher's choice).
     """
     num_tokens, dim = hidden.shape
     vocab = weight.shape[0]
@@ -359,7 +361,7 @@ def backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c=None, *,
     d_bias = torch.zeros(vocab, device=device, dtype=torch.float32) if need_bias else None
 
     if num_tokens > 0 and (need_hidden or need_weight or need_bias):
-        cfg = _config(num_tokens, hidden.dtype, _BACKWARD_CONFIG, _BACKWARD_CONFIG_FEW_TOKENS)
+        cfg = config or _config(num_tokens, hidden.dtype, _BACKWARD_CONFIG, _BACKWARD_CONFIG_FEW_TOKENS)
         grid = (triton.cdiv(num_tokens, cfg.block_m) * triton.cdiv(vocab, cfg.block_v),)
         _backward_kernel[grid](
             hidden, weight, bias, targets, lse.contiguous(), coef_a.contiguous(), coef_b.contiguous(),
