@@ -1,64 +1,147 @@
 #!/usr/bin/env bash
-# One lent-GPU session, in one call (the device time is short): the CUDA tests of the kernels, the long-context
-# training-memory comparison against TRL, and the main kernel benchmark. Every stage has its own time limit and
-# writes its log as it goes, so a stage that fails or runs long leaves the others' results.
+# One lent-GPU session in one device call of at most 9 minutes, the least-known first: the kernels' speed against
+# the peers, the tile choice and the backward's cost, the losses' overhead and gradient filtering on real
+# activations; then the GPU-only training paths (FlexAttention prefix sharing, FSDP2 through accelerate).
 #
-#   bash benchmarks/gpu_session.sh            # on the GPU machine, from the repository root; OUT=<dir> for results
+#   bash benchmarks/prepare_gpu_session.sh     # here, once: .whl/ and .gpu/ (wheels, SmolLM2's config, activations)
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".gpu"], timeout_s=560)    # the device call
+#   bash benchmarks/gpu_session.sh --dry-run   # every stage on this CPU at tiny shapes (the tests run it)
+#   bash benchmarks/gpu_session.sh --only peers,tiles      # some stages
 #
-# Expects, carried beside the tree: .whl/ (trl, datasets, dill, multiprocess, liger-kernel, cut-cross-entropy
-# wheels: the machine has no registry) and .gpu/smollm2/ (SmolLM2-135M's config and tokenizer; the weights are too
-# large to carry, so the model is built from the config with seeded random weights: memory and step time do not
-# depend on the values).
+# Every stage has its own time limit and, as soon as it ends, its logs and results are packed into
+# $OUT/gpu-session.tar.gz and its status line and tables appended to $OUT/summary.md (the two files the device call
+# returns), so a stage killed at its limit loses only itself. The stage limits add up to 540 s.
 set -u
-# Logs and results gather in $LOGS; after every stage they are packed into $OUT/gpu-session.tar.gz (the device tool
-# returns at most 8 files), so a stage killed at its limit still leaves the earlier stages' results.
-OUT=${OUT:-bench-out}
-LOGS=/tmp/gpu-session
+cd "$(dirname "$0")/.." || exit 1
+DRY=0
+ONLY=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --dry-run) DRY=1 ;;
+        --only) ONLY=",$2,"; shift ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        *) echo "unknown argument $1 (--dry-run, --only STAGE[,STAGE])" >&2; exit 2 ;;
+    esac
+    shift
+done
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+if [ "$DRY" = 1 ]; then
+    OUT=${OUT:-bench-out/gpu-session-dry}
+    DEVICE=cpu
+    export TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+else
+    OUT=${OUT:-bench-out/gpu-session}
+    DEVICE=cuda
+fi
+LOGS=$(mktemp -d)/gpu-session
 mkdir -p "$OUT" "$LOGS"
-export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD" EPA_REQUIRE_BACKENDS="triton torch"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$LOGS/install.log" 2>&1 || { echo "wheel install failed"; tail "$LOGS/install.log"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$LOGS/env.txt"
-python3 -c "import torch, triton, transformers, trl; print('torch', torch.__version__, 'triton', triton.__version__,
-'transformers', transformers.__version__, 'trl', trl.__version__)" 2>&1 | tee -a "$LOGS/env.txt"
+SUMMARY=$OUT/summary.md
+echo "# GPU session $(date -u '+%Y-%m-%d %H:%M UTC')$([ "$DRY" = 1 ] && echo ' (dry run: CPU, tiny shapes)')" > "$SUMMARY"
+FAILED=0
 
-stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $LOGS/NAME.log, print the tail
+stage() {  # stage NAME SECONDS COMMAND...: run under its limit, log to $LOGS/NAME.log, then pack and summarise
     local name=$1 limit=$2
     shift 2
+    if [ -n "$ONLY" ] && [[ $ONLY != *",$name,"* ]]; then return; fi
     local start=$SECONDS
     timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
-    echo "== $name: exit $? after $((SECONDS - start)) s"
-    tail -n 6 "$LOGS/$name.log"
-    tar czf "$OUT/gpu-session.tar.gz" -C /tmp gpu-session
+    local code=$?
+    [ "$code" = 0 ] || FAILED=1
+    local line="== $name: exit $code after $((SECONDS - start)) s (limit $limit s)"
+    echo "$line"
+    tail -n 4 "$LOGS/$name.log"
+    { echo; echo "## $name"; echo; echo "$line"; echo
+      for table in "$LOGS/$name"/*.md; do [ -f "$table" ] && cat "$table"; done; } >> "$SUMMARY"
+    tar czf "$OUT/gpu-session.tar.gz" -C "$(dirname "$LOGS")" gpu-session
 }
 
-# The model: SmolLM2-135M's architecture, seeded random weights, saved as a plain transformers directory.
-stage model 60 python3 -c "
+# Wheels of what the GPU image lacks (prepare_gpu_session.sh); the dry run uses this machine's packages.
+if [ "$DRY" = 0 ] && [ -d .whl ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        > "$LOGS/install.log" 2>&1 || echo "wheel install failed: see install.log"
+    export PYTHONPATH="/tmp/site:$PWD"
+fi
+export EPA_REQUIRE_BACKENDS="triton torch"
+
+# 0. What the machine is and its two ceilings (matrix rate, copy bandwidth), measured, not read off a datasheet.
+if [ "$DRY" = 1 ]; then CEIL=(--size 256 --copy-mib 8); else CEIL=(--size 8192 --copy-mib 4096); fi
+stage ceilings 20 "$PY" -m benchmarks.ceilings --device "$DEVICE" "${CEIL[@]}" --out "$LOGS/ceilings"
+
+# 1. The kernels are right on this GPU before they are timed (the timing stages gate each result too).
+if [ "$DRY" = 1 ]; then TESTS=(tests/test_logprobs.py -k "single_token and triton"); else
+    TESTS=(-n 8 tests/test_logprobs.py tests/test_fused_loss.py tests/test_filter_eps.py); fi
+stage tests 45 "$PY" -m pytest -q -x -p no:cacheprovider "${TESTS[@]}"
+
+# 2. linear_logprobs forward and forward+backward against Liger-Kernel, Cut Cross-Entropy, TRL and torch.compile
+#    (--preset gpu-peers), one head per stage so that a stage stopped at its limit loses one head only: Llama-3-8B's
+#    at N = 8k and 32k, a Qwen head, a Gemma head with softcapping.
+peers() {  # peers NAME LIMIT N D V [--softcap C]
+    local name=$1 limit=$2 n=$3 d=$4 v=$5
+    shift 5
+    if [ "$DRY" = 1 ]; then n=64; d=16; v=300; fi
+    local extra=()
+    [ "$DRY" = 1 ] && extra=(--repeats 1 --warmup 0 --no-memory --impls reference triton liger cce trl)
+    stage "$name" "$limit" "$PY" -m benchmarks.run --device "$DEVICE" --preset gpu-peers --tokens "$n" --hidden "$d" \
+        --vocab "$v" "$@" "${extra[@]}" --out "$LOGS/$name"
+}
+peers peers-llama 45 8192 4096 128256
+peers peers-qwen 40 16384 2048 151936
+peers peers-gemma 40 8192 2304 262144 --softcap 30
+peers peers-llama-32k 50 32768 4096 128256
+
+# 3. The tile choice by measurement (every shipped config and a small grid), and the backward's cost.
+if [ "$DRY" = 1 ]; then TILES=(--grid tiny); else TILES=(--grid small --samples 2); fi
+stage tiles 120 "$PY" -m benchmarks.tile_sweep --backward-cost "${TILES[@]}" --out "$LOGS/tiles"
+
+# 4. The losses against plain log-probs over the same tokens: EPA 1+3+60 and DPO.
+if [ "$DRY" = 1 ]; then LOSSES=(--tokens 64 --hidden 16 --vocab 300 --cases logprobs dpo epa-1+3+60 --repeats 1
+    --warmup 0 --no-memory --impls reference triton torch); else LOSSES=(--preset gpu-losses); fi
+stage losses 45 "$PY" -m benchmarks.run --device "$DEVICE" "${LOSSES[@]}" --out "$LOGS/losses"
+
+# 5. Gradient filtering on SmolLM2's real activations (the carried slice; a synthetic one in the dry run).
+if [ "$DRY" = 1 ]; then
+    "$PY" -m benchmarks.activations --slice "$LOGS/activations" --tokens 64 --synthetic > /dev/null
+    export EPA_BENCH_CACHE=$LOGS/activations
+    FILTER=(--tokens 64 --dtype float32 --repeats 1 --warmup 0 --no-memory --impls reference torch native native@1e-5)
+else
+    export EPA_BENCH_CACHE=.gpu/activations
+    FILTER=(--tokens 2048 --dtype bfloat16 --impls reference triton triton@1e-6 triton@1e-5 triton@3e-5)
+fi
+stage filter 30 "$PY" -m benchmarks.run --device "$DEVICE" --source smollm2 --cases logprobs "${FILTER[@]}" \
+    --out "$LOGS/filter"
+
+# 6. A model for the training stages: SmolLM2-135M's architecture with seeded weights (its weights cannot travel);
+#    the dry run saves the tests' tiny Llama.
+MODEL=$LOGS/model
+if [ "$DRY" = 1 ]; then
+    stage model 20 "$PY" -c "
+import sys; sys.path.insert(0, 'tests')
+from tiny_models import tiny_causal_lm, tiny_tokenizer
+tiny_causal_lm('llama_tied').save_pretrained('$MODEL'); tiny_tokenizer().save_pretrained('$MODEL')"
+else
+    stage model 20 "$PY" -c "
 import torch, transformers
 torch.manual_seed(0)
 config = transformers.AutoConfig.from_pretrained('.gpu/smollm2')
-model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-model.save_pretrained('/tmp/smollm2')
-transformers.AutoTokenizer.from_pretrained('.gpu/smollm2').save_pretrained('/tmp/smollm2')
-print(sum(p.numel() for p in model.parameters()), 'parameters')"
+transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained('$MODEL')
+transformers.AutoTokenizer.from_pretrained('.gpu/smollm2').save_pretrained('$MODEL')"
+fi
 
-# 1. Correctness of the Triton kernels on the GPU (the interpreter is the only place they ran before).
-stage tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_logprobs.py tests/test_fused_loss.py \
-    tests/test_losses.py tests/test_memory.py tests/test_prefix_sharing.py
+# 7. One training step with prefix sharing under FlexAttention (block-sparse mask) against sdpa's dense mask:
+#    a 6k prompt with 1 + 3 + 12 responses of 256 tokens. FlexAttention has no backward on CPU: the dry run uses eager.
+if [ "$DRY" = 1 ]; then STEP=(--prompt-tokens 32 --response-tokens 8 --responses 4 --what time --warmup 0
+    --repeats 1); FLEX=eager; else STEP=(--prompt-tokens 6144 --response-tokens 256 --responses 16 --what both
+    --warmup 1 --repeats 2); FLEX=flex_attention; fi
+stage flex 50 bash -c "\"$PY\" -m benchmarks.train_step --model $MODEL --device $DEVICE --impls shared-gc \
+    --attn $FLEX ${STEP[*]} --out $LOGS/flex/flex && \"$PY\" -m benchmarks.train_step --model $MODEL \
+    --device $DEVICE --impls shared-gc --attn sdpa ${STEP[*]} --out $LOGS/flex/sdpa && \
+    { echo '**attention $FLEX**'; cat $LOGS/flex/flex/results.md; echo; echo '**attention sdpa (dense mask)**'; \
+      cat $LOGS/flex/sdpa/results.md; } > $LOGS/flex/results.md"
 
-# 2. The kernel benchmark against the peers (Liger-Kernel, Cut Cross-Entropy, TRL's loss), the GPU's first numbers:
-#    an 8B-class head (D = 4096, V = 128256) over 8192 tokens in bf16.
-stage bench 90 python3 -m benchmarks.run --device cuda --cases logprobs dpo epa-1+3+60 --tokens 8192 \
-    --hidden 4096 --vocab 128256 --dtype bfloat16 --impls reference triton torch liger cce trl --repeats 10 \
-    --warmup 3 --out "$LOGS/bench"
+# 8. accelerate launch with FSDP2 on one GPU: one update equal to the unsharded one, tied embeddings still tied.
+if [ "$DRY" = 1 ]; then FSDP=(--dry-run); else FSDP=(); fi
+stage fsdp2 35 "$PY" -m benchmarks.fsdp_check --model "$MODEL" --out "$LOGS/fsdp2" "${FSDP[@]}"
 
-# 3. Long context against TRL: a 6k prompt at 1+1 and 1+3, and the longest prompt within 24 GiB.
-stage train-memory 220 python3 -m benchmarks.train_memory --model /tmp/smollm2 --device cuda \
-    --prompt-tokens 6144 16384 32768 65536 --response-tokens 1024 --responses 2 4 \
-    --impls epa-shared-gc trl-gc-precompute epa-gc --budget-gib 24 --warmup 1 --out "$LOGS/train-memory"
-
-# 4. Past the dense mask's reach: prefix sharing under FlexAttention (block-sparse mask) at 1+3.
-stage train-memory-flex 70 python3 -m benchmarks.train_memory --model /tmp/smollm2 --device cuda \
-    --prompt-tokens 65536 131072 --response-tokens 1024 --responses 4 --impls epa-shared-gc-flex --budget-gib 24 \
-    --warmup 1 --out "$LOGS/train-memory-flex"
-cat "$LOGS/train-memory/results.md" "$LOGS/train-memory-flex/results.md" 2>/dev/null | grep -v "^|---"
+echo "results: $OUT/summary.md and $OUT/gpu-session.tar.gz"
+exit $FAILED

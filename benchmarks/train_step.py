@@ -230,7 +230,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--attn", default="auto", help="attention implementation (training.models.ATTENTION; "
-                        "default auto: flash_attention_2 with flash-attn on CUDA, else the model's default)")
+                        "default auto: the model's default, sdpa; the weights are fp32, so never flash-attn)")
     parser.add_argument("--what", choices=("both", "time", "memory"), default="both",
                         help="measure time, memory or both (CPU: both takes two processes per implementation)")
     parser.add_argument("--out", help="directory for results.json and results.md")

@@ -1,0 +1,39 @@
+"""benchmarks/gpu_session.sh cannot rot between device sessions: its dry run runs every stage on this CPU at tiny
+shapes (the Triton interpreter where a stage needs Triton), and its stage limits fit one device call."""
+import os
+import re
+import subprocess
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
+CALL_LIMIT_S = 9 * 60  # one call, leaving time for a second within the 15-minute lease
+
+
+def stage_limits() -> dict[str, int]:
+    """Each stage's limit (a stage written twice, once per mode, counts once)."""
+    found = re.findall(r"^\s*(?:stage|peers) ([\w-]+) (\d+) ", SCRIPT.read_text(), re.M)
+    return {name: int(seconds) for name, seconds in found}
+
+
+def test_the_stages_fit_one_device_call_with_the_kernels_first():
+    limits = stage_limits()
+    assert sum(limits.values()) <= CALL_LIMIT_S, limits
+    order = list(limits)
+    kernels, training = ("peers-llama", "peers-llama-32k", "tiles", "losses", "filter"), ("flex", "fsdp2")
+    assert max(order.index(k) for k in kernels) < min(order.index(t) for t in training), order
+
+
+def test_dry_run_runs_every_stage(tmp_path):
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    summary = (tmp_path / "summary.md").read_text()
+    for stage in stage_limits():
+        assert f"== {stage}: exit 0" in summary, f"{stage}:\n{done.stdout[-4000:]}"
+    with tarfile.open(tmp_path / "gpu-session.tar.gz") as archive:
+        names = archive.getnames()
+    assert all(f"gpu-session/{stage}.log" in names for stage in stage_limits())
+    assert "| logprobs (smollm2) | native@1e-5 |" in summary  # filtering ran on the (synthetic) slice
+    assert "head tied to the embeddings | True | True" in summary
