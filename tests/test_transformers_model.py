@@ -488,3 +488,8 @@ def test_bf16_autocast_on_cpu(arch):
         expected_grads.append(ref_param.grad.flatten())
     cosine = torch.nn.functional.cosine_similarity(torch.cat(grads), torch.cat(expected_grads), dim=0).item()
     assert cosine > 0.95, f"bf16 gradients point elsewhere (cosine {cosine:.3f})"
+
+
+def test_disable_dropout_refuses_what_is_not_a_module():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        disable_dropout({"attention_dropout": 0.5})

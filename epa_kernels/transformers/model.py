@@ -80,6 +80,8 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     `self.attention_dropout` and pass it to the attention function, which applies it in train mode without any
     dropout module; some models read `config.dropout` or `config.layerdrop` in forward.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     configs, seen = [], set()
     for module in model.modules():
         if isinstance(module, DROPOUT_MODULES):

@@ -19,11 +19,9 @@ from epa_kernels.transformers.batching import plan_digest
 from training.epa.cli import TrainError
 
 STATE_FILE = "trainer_state.json"
-# Fault injection for the crash-and-resume test: EPA_CRASH_AT=POINT@UPDATE kills this process with SIGKILL there.
-CRASH_POINTS = ("mid-step", "checkpoint-writing", "checkpoint-renamed")
-
-
 def crash_point(name: str, update: int) -> None:
+    """Fault injection for the crash-and-resume test: EPA_CRASH_AT=NAME@UPDATE kills this process with SIGKILL at
+    the point so named ("mid-step", "checkpoint-writing", "checkpoint-renamed"); nothing else reads the variable."""
     if os.environ.get("EPA_CRASH_AT") == f"{name}@{update}":
         os.kill(os.getpid(), signal.SIGKILL)
 

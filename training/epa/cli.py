@@ -29,9 +29,6 @@ TRL_NAMES = {
     "--resume": ["--resume_from_checkpoint"], "--dtype": ["--torch_dtype"],
 }
 TRL_LOSS_TYPES = {"sigmoid": "dpo"}  # TRL's loss_type names of the losses this program has under another name
-# The command-line flag of each preference_loss option, for the errors.
-LOSS_FLAGS = {"margin": "--margin", "label_smoothing": "--label-smoothing", "weak_weight": "--weak-weight",
-              "positive_weight": "--positive-weight", "score_temperature": "--score-temperature"}
 
 
 class TrainError(ValueError):
@@ -260,8 +257,8 @@ def validate(args) -> argparse.Namespace:
            "--loss sdpo reads strong negatives only: --num-weak would score sequences it never reads")
     _check(args.weak_weight == 1.0 or args.num_weak > 0,
            "--weak-weight weighs weak negatives, and there are none: add --num-weak W or drop --weak-weight")
-    unused = [LOSS_FLAGS[name] for name in loss_options(args) if name in LOSS_FLAGS
-              and name not in LOSS_OPTIONS[args.loss]]
+    unused = ["--" + name.replace("_", "-") for name in loss_options(args)
+              if name != "beta" and name not in LOSS_OPTIONS[args.loss]]
     _check(not unused, f"--loss {args.loss} does not use {', '.join(unused)} (leave it at its default)")
     # The rest of the loss's own checks, on a dummy group.
     try:
