@@ -38,7 +38,7 @@ and ``--data`` should be local paths (a ``datasets`` name only resolves from the
 
 Files, in reading order: cli.py (options, the --demo preset), data.py (tables, the leak-free split), model.py
 (loading, fine-tuning, evaluation), strategies.py (the library's strategies and the checked query), state.py
-(curves.json, resume), report.py (curves.png, summary.md), paired.py (areas under the curves paired by seed),
+(curves.json, resume), report.py (curves.png, summary.md), training/paired.py (areas under the curves paired by seed),
 loop.py (the rounds, `main`); compare.py judges a recorded run against any baseline.
 """
 from training.active_learning.cli import MINILM_BUILTIN, TREC_BUILTIN, ALError, parse_strategy_options, resolve_args

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from training.active_learning.paired import markdown, paired_differences
+from training.paired import markdown, paired_differences
 
 
 def main(argv=None) -> int:

@@ -1,14 +1,14 @@
 """The reports of what is recorded: curves.png (mean ± std over seeds) and summary.md, whose verdicts come from
-the area under each learning curve paired by seed (`paired.py`)."""
+the area under each learning curve paired by seed (`training/paired.py`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from training.active_learning.paired import markdown as paired_markdown
-from training.active_learning.paired import paired_differences
 from training.active_learning.state import sessions
+from training.paired import markdown as paired_markdown
+from training.paired import paired_differences
 
 BASELINE = "random"
 

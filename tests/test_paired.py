@@ -1,17 +1,38 @@
-"""Learning curves judged by paired statistics: AUC per seed, differences from random paired by seed."""
+"""Paired statistics (training/paired.py): the t interval of paired differences, and learning curves judged by it
+(AUC per seed, differences from random paired by seed)."""
 import json
 import math
 
 import pytest
 from scipy import stats
 
-from training.active_learning.paired import curve_auc, markdown, paired_differences
 from training.active_learning.report import summary_markdown
+from training.paired import curve_auc, markdown, paired_differences, paired_interval
 
 
 def curve(values, start=30, step=30):
     return [{"labels": start + i * step, "accuracy": v, "macro_f1": v / 2, "seconds": 1.0}
             for i, v in enumerate(values)]
+
+
+def test_paired_interval_is_students_t():
+    diffs = [0.1, 0.3, 0.2, 0.4]
+    n, mean, sd = 4, 0.25, math.sqrt(sum((d - 0.25) ** 2 for d in diffs) / 3)
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    interval = paired_interval(diffs)
+    assert (interval.n, interval.mean) == (4, pytest.approx(mean))
+    assert (interval.low, interval.high) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    assert interval.verdict == "higher"
+    assert paired_interval([-0.1, -0.2, -0.15]).verdict == "lower"
+    assert paired_interval([-0.1, 0.2, 0.0]).verdict == "no difference shown"
+    assert paired_interval([0.5]).verdict == "one seed: no interval" and paired_interval([0.5]).low is None
+    wider = paired_interval(diffs, confidence=0.99)
+    assert wider.low < interval.low and wider.high > interval.high
+    for bad, message in (([], "at least one"), ([0.1, float("nan")], "finite")):
+        with pytest.raises(ValueError, match=message):
+            paired_interval(bad)
+    with pytest.raises(ValueError, match="confidence"):
+        paired_interval(diffs, confidence=1.0)
 
 
 def test_auc_is_the_curves_mean_height():

@@ -1,9 +1,11 @@
-"""Learning curves judged by paired statistics (DESIGN §7).
+"""Paired statistics for the studies: differences from a baseline, paired by seed, with Student's t interval.
 
-Every strategy of one seed starts from the same initial labeled set, so runs are paired by seed: a strategy's
-area under the learning curve minus the baseline's, seed by seed, removes the seed's own luck (its initial set,
-its fine-tuning draws) that overlapping per-strategy standard deviations would leave in. The interval is
-Student's t over seeds: mean ± t₍₁₊c₎/₂,ₙ₋₁ · s / √n.
+Runs of one seed share what the seed decides (the active-learning study's initial labeled set and fine-tuning
+draws; the EPA study's data order and weak-negative pairing), so a method's value minus the baseline's, seed by
+seed, removes the seed's own luck that overlapping per-method standard deviations would leave in. The interval is
+mean ± t₍₁₊c₎/₂,ₙ₋₁ · s / √n over the n seeds (`paired_interval`). Both studies import it from here: the
+active-learning study judges areas under learning curves (`curve_auc`, `paired_differences`, DESIGN §7), the EPA
+study the linearity metrics of trained policies (`training.epa_study`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,40 @@ def curve_auc(points: list[dict], metric: str) -> float:
     return area / (points[-1]["labels"] - points[0]["labels"])
 
 
+@dataclass(frozen=True)
+class PairedInterval:
+    n: int  # pairs (seeds)
+    mean: float  # mean paired difference
+    low: float | None  # the t interval; None with one pair
+    high: float | None
+
+    @property
+    def verdict(self) -> str:
+        """What the interval shows: "higher", "lower", "no difference shown" or "one seed: no interval"."""
+        if self.low is None:
+            return "one seed: no interval"
+        return "higher" if self.low > 0 else "lower" if self.high < 0 else "no difference shown"
+
+
+def paired_interval(differences, confidence: float = 0.95) -> PairedInterval:
+    """The mean of paired differences (one per seed) and its Student t interval at `confidence`."""
+    from scipy import stats
+
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    diffs = [float(d) for d in differences]
+    if not diffs:
+        raise ValueError("paired_interval needs at least one difference")
+    if not all(math.isfinite(d) for d in diffs):
+        raise ValueError(f"paired_interval: differences must be finite, got {diffs}")
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    if n == 1:
+        return PairedInterval(1, mean, None, None)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
+    return PairedInterval(n, mean, mean - half, mean + half)
+
+
 @dataclass
 class PairedDifference:
     strategy: str
@@ -41,8 +77,6 @@ def paired_differences(curves: dict[str, dict[str, list[dict]]], metric: str = "
     curves: strategy → seed → the rounds' points ({"labels": int, metric: float, ...}). Each pair of runs is
     compared on the label counts both reached, so an unfinished run still counts on its finished rounds.
     """
-    from scipy import stats
-
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if not any(curves.get(baseline, {}).values()):
@@ -63,13 +97,9 @@ def paired_differences(curves: dict[str, dict[str, list[dict]]], metric: str = "
             diffs.append(mine - theirs)
         if not diffs:
             continue
-        n, mean = len(diffs), sum(diffs) / len(diffs)
-        low = high = None
-        if n > 1:
-            sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-            half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
-            low, high = mean - half, mean + half
-        rows.append(PairedDifference(strategy, n, sum(aucs) / n, mean, low, high))
+        interval = paired_interval(diffs, confidence)
+        rows.append(PairedDifference(strategy, interval.n, sum(aucs) / interval.n, interval.mean, interval.low,
+                                     interval.high))
     return rows
 
 
