@@ -78,14 +78,13 @@ def assistant(text):
 
 
 def test_build_rows_writes_trl_formats():
-    prompts = ["Why?", "Who?", "Where?", "When?"]
+    conv = [dd.conversation(q) for q in ["Why?", "Who?", "Where?", "When?"]]
     responses = [["a", "b", "c", "d"], ["x", "x", "y", "x"], ["z", "z", "z"], ["", "q", "r"]]
     gold = [[0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 0.0, 1.0], [2.0, 2.0, 2.0], [0.0, 1.0, -1.0]]
     scale = 0.5
-    rows = dd.build_rows(prompts, responses, gold, scale, SEED)
-    assert rows == dd.build_rows(prompts, responses, gold, scale, SEED)
+    rows = dd.build_rows(conv, responses, gold, scale, SEED)
+    assert rows == dd.build_rows(conv, responses, gold, scale, SEED)
     assert set(rows) == {"pairs", "multi", "ranked"}
-    conv = [dd.conversation(q) for q in prompts]
     assert conv[0] == [{"role": "system", "content": dd.SYSTEM}, {"role": "user", "content": "Why?"}]
 
     # pairs: one row per prompt with two distinct texts ("z" only has one; an empty answer drops the prompt)
@@ -115,7 +114,7 @@ def test_build_rows_writes_trl_formats():
 def test_build_rows_multi_chosen_follows_softmax():
     print("seed", SEED)
     gold, scale = [0.0, 1.0, 3.0], 0.5
-    rows = dd.build_rows(["q"] * 6000, [["a", "b", "c"]] * 6000, [gold] * 6000, scale, SEED)["multi"]
+    rows = dd.build_rows([dd.conversation("q")] * 6000, [["a", "b", "c"]] * 6000, [gold] * 6000, scale, SEED)["multi"]
     counts = {t: sum(r["chosen"][0]["content"] == t for r in rows) / len(rows) for t in "abc"}
     np.testing.assert_allclose(list(counts.values()), softmax([scale * g for g in gold]), atol=0.02)
 
@@ -129,7 +128,8 @@ def tiny():
 
 def test_generate_responses_shapes_and_seed(tiny):
     model, tokenizer = tiny
-    prompts = ["What is the capital of France?", "Why is the sky blue?", "Who wrote Hamlet?"]
+    prompts = [dd.conversation(q) for q in ["What is the capital of France?", "Why is the sky blue?",
+                                            "Who wrote Hamlet?"]]
     kwargs = dict(batch_size=2, max_new_tokens=6, progress=False)
     out = dd.generate_responses(model, tokenizer, prompts, 3, seed=SEED, **kwargs)
     assert len(out) == 3 and all(len(texts) == 3 for texts in out)
@@ -151,7 +151,7 @@ def test_shared_prompt_cache_matches_plain_generate():
     questions = ["Why is the sky blue?", "Who wrote Hamlet, and when did he write it?"]
     kwargs = dict(do_sample=False, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
     with torch.inference_mode():
-        shared = dd.sample_batch(model, tokenizer, questions, 2, **kwargs)
+        shared = dd.sample_batch(model, tokenizer, [dd.conversation(q) for q in questions], 2, **kwargs)
         enc = tokenizer.apply_chat_template([dd.conversation(q) for q in questions], add_generation_prompt=True,
                                             padding=True, tokenizer_kwargs={"padding_side": "left"},
                                             return_tensors="pt", return_dict=True)

@@ -110,12 +110,12 @@ def conversation(question: str) -> list[Message]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
 
 
-def sample_batch(model, tokenizer, questions: Sequence[str], n: int, **generate_kwargs) -> list[str]:
-    """n answers per question (question-major). The prompt is run once and its KV cache copied n times: on CPU,
-    generate(num_return_sequences=n) would spend most of its time re-reading each prompt n times."""
+def sample_batch(model, tokenizer, prompts: Sequence[list[Message]], n: int, **generate_kwargs) -> list[str]:
+    """n answers per prompt (a conversation; prompt-major). The prompt is run once and its KV cache copied n times:
+    on CPU, generate(num_return_sequences=n) would spend most of its time re-reading each prompt n times."""
     from transformers import DynamicCache
 
-    enc = tokenizer.apply_chat_template([conversation(q) for q in questions], add_generation_prompt=True, padding=True,
+    enc = tokenizer.apply_chat_template(list(prompts), add_generation_prompt=True, padding=True,
                                         tokenizer_kwargs={"padding_side": "left"}, return_tensors="pt",
                                         return_dict=True).to(model.device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -129,10 +129,11 @@ def sample_batch(model, tokenizer, questions: Sequence[str], n: int, **generate_
     return [t.strip() for t in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
 
 
-def generate_responses(model, tokenizer, prompts: Sequence[str], n: int, *, batch_size: int = 16,
+def generate_responses(model, tokenizer, prompts: Sequence[list[Message]], n: int, *, batch_size: int = 16,
                        temperature: float = 1.0, max_new_tokens: int = 24, seed: int = 0,
                        progress: bool = True) -> list[list[str]]:
-    """n answers per question, by pure sampling at ``temperature`` (no top-k/top-p), stripped, maybe empty.
+    """n answers per prompt (a conversation), by pure sampling at ``temperature`` (no top-k/top-p), stripped, maybe
+    empty.
     Batch b is seeded from (seed, b), so a batch's answers do not depend on the batches before it."""
     from tqdm.auto import tqdm
 
@@ -176,27 +177,26 @@ def assistant(text: str) -> list[Message]:
     return [{"role": "assistant", "content": text}]
 
 
-def ranked_rows(prompts: Sequence[str], responses: Sequence[Sequence[str]], gold: Sequence[Sequence[float]],
+def ranked_rows(prompts: Sequence[list[Message]], responses: Sequence[Sequence[str]], gold: Sequence[Sequence[float]],
                 scale: float) -> list[dict]:
     """prompt/completions/scores (= s·g) rows over distinct texts, for prompts with >= 2 and no empty answers."""
     rows = []
-    for question, texts, g in zip(prompts, responses, gold, strict=True):
+    for prompt, texts, g in zip(prompts, responses, gold, strict=True):
         texts, g = distinct(texts, g)
         if len(texts) >= 2 and all(texts):
-            rows.append({"prompt": conversation(question), "completions": [assistant(t) for t in texts],
+            rows.append({"prompt": prompt, "completions": [assistant(t) for t in texts],
                          "scores": [scale * x for x in g]})
     return rows
 
 
-def build_rows(prompts: Sequence[str], responses: Sequence[Sequence[str]], gold: Sequence[Sequence[float]],
+def build_rows(prompts: Sequence[list[Message]], responses: Sequence[Sequence[str]], gold: Sequence[Sequence[float]],
                scale: float, seed: int) -> dict[str, list[dict]]:
     """The train files' rows: ``pairs``, ``multi`` and ``ranked``. Prompt i's draws use generators seeded from
     (seed, i), so dropping a prompt changes no other prompt's rows."""
     rows: dict[str, list[dict]] = {"pairs": [], "multi": [], "ranked": ranked_rows(prompts, responses, gold, scale)}
-    for i, (question, texts, g) in enumerate(zip(prompts, responses, gold, strict=True)):
+    for i, (prompt, texts, g) in enumerate(zip(prompts, responses, gold, strict=True)):
         if not all(texts):
             continue
-        prompt = conversation(question)
         unique, unique_gold = distinct(texts, g)
         if len(unique) >= 2:
             c, r = draw_pair(unique_gold, scale, np.random.default_rng([seed, i, 0]))
@@ -253,14 +253,15 @@ def run(args: argparse.Namespace) -> dict:
     train, held_out = load_prompts(args.num_train, args.num_eval, args.seed)
     model, tokenizer, model_path = load_model(args.model)
     t0 = time.perf_counter()
-    responses = generate_responses(model, tokenizer, train + held_out, args.responses_per_prompt,
+    conversations = [conversation(q) for q in train + held_out]
+    responses = generate_responses(model, tokenizer, conversations, args.responses_per_prompt,
                                    batch_size=args.batch_size, temperature=args.temperature,
                                    max_new_tokens=args.max_new_tokens, seed=args.seed)
     seconds = time.perf_counter() - t0
     gold = [[gold_reward(q, t) for t in texts] for q, texts in zip(train + held_out, responses, strict=True)]
     k = len(train)
-    rows = build_rows(train, responses[:k], gold[:k], args.bt_scale, args.seed)
-    rows["eval"] = ranked_rows(held_out, responses[k:], gold[k:], args.bt_scale)
+    rows = build_rows(conversations[:k], responses[:k], gold[:k], args.bt_scale, args.seed)
+    rows["eval"] = ranked_rows(conversations[k:], responses[k:], gold[k:], args.bt_scale)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for key, name in FILES.items():

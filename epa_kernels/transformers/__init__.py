@@ -7,7 +7,7 @@
 - `ReferenceCache`, `fill_reference_cache`: reference log-probs computed once and kept on disk;
 - `linearity_report`: the EPA paper's linearity test of implicit against gold rewards.
 """
-from epa_kernels.transformers.batching import BatchPlanner, PlannedPrompt, PlannedStep
+from epa_kernels.transformers.batching import BatchPlanner, PlannedPrompt, PlannedStep, pack_sequences
 from epa_kernels.transformers.data import (
     DataStats,
     PreferenceDataError,
@@ -28,5 +28,5 @@ __all__ = [
     "BatchPlanner", "DataStats", "LinearityReport", "LogitTransform", "PlannedPrompt", "PlannedStep",
     "PreferenceDataError", "PreferenceExample", "PreferenceModel", "PreferenceTokenizer", "ReferenceCache",
     "data_fingerprint", "disable_dropout", "fill_reference_cache", "linearity_report", "logit_transform",
-    "model_fingerprint", "read_preference_rows", "win_rate",
+    "model_fingerprint", "pack_sequences", "read_preference_rows", "win_rate",
 ]

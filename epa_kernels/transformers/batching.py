@@ -249,24 +249,9 @@ class BatchPlanner:
             batch = pack_prefix_shared(segments, device)
             batch["keys"] = torch.tensor(keys, dtype=torch.int64, device=device).view(-1, 3)
             return batch
-        input_ids, targets, lengths = [], [], []
-        for key in keys:
-            prompt, response = self.sequence_tokens(key)
-            ids = list(prompt) + list(response)
-            input_ids += ids
-            targets += [IGNORE_INDEX] * (len(prompt) - 1) + list(response) + [IGNORE_INDEX]
-            lengths.append(len(ids))
-        cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-        cu_seqlens[1:] = torch.tensor(lengths).cumsum(0)
-        position_ids = torch.cat([torch.arange(n) for n in lengths])
-        return {
-            "input_ids": torch.tensor(input_ids, device=device).unsqueeze(0),
-            "position_ids": position_ids.to(device).unsqueeze(0),
-            "cu_seqlens": cu_seqlens.to(device),
-            "targets": torch.tensor(targets, device=device),
-            "keys": torch.tensor(keys, dtype=torch.int64, device=device).view(-1, 3),
-            "max_seqlen": max(lengths),
-        }
+        batch = pack_sequences([self.sequence_tokens(key) for key in keys], device)
+        batch["keys"] = torch.tensor(keys, dtype=torch.int64, device=device).view(-1, 3)
+        return batch
 
     def collate(self, prompts: Sequence[PlannedPrompt], device=None) -> dict:
         """A packed training batch: `pack` of the prompts' sequences plus groups [P, 1 + K_max + W] (positive,
@@ -293,6 +278,30 @@ class BatchPlanner:
         batch.update(groups=groups.to(device), num_strong=num_strong, num_prompts=len(prompts),
                      scores=None if scores is None else scores.to(device))
         return batch
+
+
+def pack_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], device=None) -> dict:
+    """(prompt ids, response ids) pairs packed into one row without sharing: input_ids / position_ids [1, N],
+    cu_seqlens [S+1] int32, targets [N] (the next token at response positions, -100 elsewhere), max_seqlen."""
+    input_ids, targets, lengths = [], [], []
+    for prompt, response in sequences:
+        if not prompt or not response:
+            raise ValueError(f"sequence {len(lengths)}: needs ≥ 1 prompt and ≥ 1 response token, got "
+                             f"{len(prompt)} and {len(response)}")
+        input_ids += list(prompt) + list(response)
+        targets += [IGNORE_INDEX] * (len(prompt) - 1) + list(response) + [IGNORE_INDEX]
+        lengths.append(len(prompt) + len(response))
+    if not lengths:
+        raise ValueError("pack_sequences needs at least one sequence")
+    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.tensor(lengths).cumsum(0)
+    return {
+        "input_ids": torch.tensor(input_ids, device=device).unsqueeze(0),
+        "position_ids": torch.cat([torch.arange(n) for n in lengths]).to(device).unsqueeze(0),
+        "cu_seqlens": cu_seqlens.to(device),
+        "targets": torch.tensor(targets, device=device),
+        "max_seqlen": max(lengths),
+    }
 
 
 def plan_digest(steps: Iterable[PlannedStep]) -> str:
