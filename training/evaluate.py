@@ -9,7 +9,9 @@ at a time; the implicit rewards β·(log π − log π_ref) are tested against t
 (`epa_kernels.transformers.linearity`). β and the per-sequence reduction are those the policy was trained with
 (train_summary.json, next to OUTPUT_DIR/model) unless --beta / --reduction say otherwise; without a summary, 0.1
 and sum. With --gold-reward, both models also answer the prompts greedily and the gold function scores the
-answers: the policy's win rate against the reference.
+answers: the policy's win rate against the reference. With --kl-samples N, the policy also samples N answers per
+prompt, scored under both models: KL(π‖π_ref) estimated on the held-out prompts (and, with --gold-reward, the
+samples' mean gold reward: the reward–KL trade-off).
 Outputs in --output: linearity.json (report, win rate, options and where β and the reduction came from, versions,
 per-prompt values, samples), linearity.md (the table, also printed) and linearity.png (centred implicit vs
 centred gold rewards).
@@ -23,7 +25,6 @@ import math
 import random
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from epa_kernels.transformers.linearity import linearity_report, win_rate
 from epa_kernels.transformers.reading import read_preference_rows
 from epa_kernels.transformers.reference_cache import token_budget_chunks
 from training.models import SMOLLM2, ModelLoadError, load_causal_lm, load_tokenizer
+from training.sampling import answer_logps, greedy_samples, sample_answers, user_text
 
 SUMMARY = "train_summary.json"  # training writes it to OUTPUT_DIR, the policy to OUTPUT_DIR/model
 DEFAULTS = {"beta": 0.1, "reduction": "sum"}  # without the policy run's summary or a flag
@@ -67,41 +69,6 @@ def sequence_logps(model, planner, keys, *, reduction, backend, max_tokens, name
     return [values[k] for k in keys]
 
 
-def user_text(prompt) -> str:
-    """What the gold function is given: the last user message of a conversation, else the prompt itself."""
-    if isinstance(prompt, list):
-        users = [m["content"] for m in prompt if m.get("role") == "user"]
-        return str(users[-1] if users else prompt[-1]["content"])
-    return prompt
-
-
-def prompt_ids(tokenizer, prompt) -> list[int]:
-    """A conversation through the chat template (generation prompt added), plain text as is."""
-    if isinstance(prompt, list):
-        ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
-        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
-    return list(tokenizer(prompt)["input_ids"])
-
-
-@torch.no_grad()
-def greedy_samples(model, tokenizer, prompts, *, max_new_tokens, max_length, max_tokens) -> list[str]:
-    """Greedy answers (new tokens only, decoded) to the prompts, left-padded batches of ≤ max_tokens tokens."""
-    encoded = [prompt_ids(tokenizer, p)[-max_length:] for p in prompts]  # keep the end, next to the answer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = model.get_output_embeddings().weight.device
-    answers = [""] * len(prompts)
-    lengths = [len(ids) + max_new_tokens for ids in encoded]
-    for chunk in token_budget_chunks(list(range(len(prompts))), lengths, max_tokens):
-        width = max(len(encoded[i]) for i in chunk)
-        input_ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk], device=device)
-        output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=pad)
-        for i, row in zip(chunk, output[:, width:].tolist(), strict=True):
-            answers[i] = tokenizer.decode(row, skip_special_tokens=True)
-    return answers
-
-
 def _gold_score(gold_reward, prompt, response, row) -> float:
     value = gold_reward(prompt, response)
     try:
@@ -115,14 +82,16 @@ def _gold_score(gold_reward, prompt, response, row) -> float:
 
 def evaluate(policy_model, reference_model, tokenizer, rows, *, beta: float = 0.1, reduction: str = "sum",
              max_length: int = 1024, max_tokens_per_batch: int = 8192, gold_reward=None, max_new_tokens: int = 48,
-             num_generate: int | None = None, seed: int = 0, backend: str = "auto", log=None) -> dict:
+             num_generate: int | None = None, kl_samples: int = 0, seed: int = 0, backend: str = "auto",
+             log=None) -> dict:
     """The linearity report (and, with gold_reward, the greedy win rate) of a policy against its reference.
 
     policy_model / reference_model: causal LMs, or zero-argument loaders (each model is then loaded for its own
     pass only). rows: ranked rows (prompt / completions / scores = gold rewards). gold_reward: callable
-    (user text, response text) → float. num_generate: prompts sampled (seeded) for the win rate; None: all.
-    Returns {"report", "win_rate", "per_prompt", "samples", "data", "options", "seconds"}; per_prompt lists each
-    prompt's completions best first (gold, logp, ref_logp, implicit).
+    (user text, response text) → float. num_generate: prompts sampled (seeded) for the win rate and the KL;
+    None: all. kl_samples: answers the policy samples per such prompt to estimate KL(π‖π_ref) (0: none).
+    Returns {"report", "win_rate", "kl", "per_prompt", "samples", "data", "options", "seconds"}; per_prompt lists
+    each prompt's completions best first (gold, logp, ref_logp, implicit); kl is None without kl_samples.
     """
     started = time.perf_counter()
     log = log or (lambda message: None)
@@ -130,6 +99,8 @@ def evaluate(policy_model, reference_model, tokenizer, rows, *, beta: float = 0.
         raise EvaluateError(f"beta must be a positive finite number, got {beta!r}")
     if num_generate is not None and num_generate < 0:
         raise EvaluateError(f"num_generate must be ≥ 0 or None, got {num_generate}")
+    if kl_samples < 0:
+        raise EvaluateError(f"kl_samples must be ≥ 0, got {kl_samples}")
     if not rows or not all(column in rows[0] for column in RANKED_COLUMNS):
         have = sorted(rows[0].keys()) if rows else []
         raise EvaluateError(f"the linearity test needs ranked data with columns {list(RANKED_COLUMNS)} (the "
@@ -141,8 +112,9 @@ def evaluate(policy_model, reference_model, tokenizer, rows, *, beta: float = 0.
     planner = BatchPlanner(examples, max_tokens_per_batch=room, max_length=max_length, shuffle=False)
     keys = [(p, j, p) for p, e in enumerate(examples) for j in range(len(e.responses))]
     count = len(rows) if num_generate is None else min(num_generate, len(rows))
-    chosen = sorted(random.Random(seed).sample(range(len(rows)), count)) if gold_reward is not None else []
+    chosen = sorted(random.Random(seed).sample(range(len(rows)), count)) if gold_reward or kl_samples else []
     prompts = [rows[i]["prompt"] for i in chosen]
+    kl_answers, kl_logps = None, {}
 
     logps, samples = {}, {}
     for name, spec in (("policy", policy_model), ("reference", reference_model)):
@@ -154,13 +126,19 @@ def evaluate(policy_model, reference_model, tokenizer, rows, *, beta: float = 0.
         try:
             logps[name] = sequence_logps(model, planner, keys, reduction=reduction, backend=backend,
                                          max_tokens=max_tokens_per_batch, name=name)
-            if prompts:
+            if prompts and gold_reward is not None:
                 samples[name] = greedy_samples(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                                max_length=max_length, max_tokens=max_tokens_per_batch)
+            if prompts and kl_samples:
+                if kl_answers is None:  # the policy's pass comes first: it samples, both passes score
+                    kl_answers = sample_answers(model, tokenizer, prompts, kl_samples, max_new_tokens=max_new_tokens,
+                                                max_length=max_length, max_tokens=max_tokens_per_batch, seed=seed)
+                kl_logps[name] = answer_logps(model, tokenizer, prompts, kl_answers, max_length=max_length,
+                                              max_tokens=max_tokens_per_batch, backend=backend)
         finally:
             model.train(was_training)
         del model  # a loaded model is released before the next one loads
-        log(f"{name}: {len(keys)} log-probs" + (f", {len(prompts)} greedy samples" if prompts else "")
+        log(f"{name}: {len(keys)} log-probs" + (f", {len(prompts)} prompts sampled" if prompts else "")
             + f" in {time.perf_counter() - tic:.1f}s")
 
     per_prompt, start = [], 0
@@ -173,7 +151,7 @@ def evaluate(policy_model, reference_model, tokenizer, rows, *, beta: float = 0.
     report = linearity_report([p["implicit"] for p in per_prompt], [p["gold"] for p in per_prompt])
 
     sample_records, rate = [], None
-    for i, row in enumerate(chosen):
+    for i, row in enumerate(chosen if gold_reward is not None else []):
         text = user_text(rows[row]["prompt"])
         sample_records.append({"row": row, "prompt": text, "policy": samples["policy"][i],
                                "reference": samples["reference"][i],
@@ -181,14 +159,30 @@ def evaluate(policy_model, reference_model, tokenizer, rows, *, beta: float = 0.
                                "reference_gold": _gold_score(gold_reward, text, samples["reference"][i], row)})
     if sample_records:
         rate = win_rate([s["policy_gold"] for s in sample_records], [s["reference_gold"] for s in sample_records])
+    kl = None if kl_answers is None else kl_summary(kl_logps["policy"], kl_logps["reference"], kl_answers, [
+        user_text(p) for p in prompts], tokenizer, gold_reward)
     return {
-        "report": report.to_dict(), "win_rate": rate, "per_prompt": per_prompt, "samples": sample_records,
+        "report": report.to_dict(), "win_rate": rate, "kl": kl, "per_prompt": per_prompt, "samples": sample_records,
         "data": {"prompts": len(examples), "responses": len(keys), "responses_truncated": stats.responses_truncated},
         "options": {"beta": beta, "reduction": reduction, "max_length": max_length,
                     "max_tokens_per_batch": max_tokens_per_batch, "max_new_tokens": max_new_tokens,
-                    "num_generate": num_generate, "seed": seed, "backend": backend},
+                    "num_generate": num_generate, "kl_samples": kl_samples, "seed": seed, "backend": backend},
         "seconds": time.perf_counter() - started,
     }
+
+
+def kl_summary(policy, reference, answers, texts, tokenizer, gold_reward) -> dict:
+    """KL(π‖π_ref) ≈ the mean over sampled answers of log π − log π_ref (nats per answer), its standard error, and
+    (with a gold function) the mean gold reward of those samples: the two axes of the reward–KL trade-off."""
+    ratios = np.array([a - b for p, r in zip(policy, reference, strict=True) for a, b in zip(p, r, strict=True)])
+    out = {"estimate": float(ratios.mean()), "stderr": float(ratios.std(ddof=1) / math.sqrt(len(ratios)))
+           if len(ratios) > 1 else None, "samples": len(ratios),
+           "mean_tokens": float(np.mean([len(a) for samples in answers for a in samples])), "sample_gold": None}
+    if gold_reward is not None:
+        golds = [_gold_score(gold_reward, text, tokenizer.decode(a, skip_special_tokens=True), i)
+                 for i, (text, samples) in enumerate(zip(texts, answers, strict=True)) for a in samples]
+        out["sample_gold"] = float(np.mean(golds))
+    return out
 
 
 def _number(value, digits=4) -> str:
@@ -219,6 +213,13 @@ def markdown_table(result: dict, title: str = "") -> str:
     if result["win_rate"] is not None:
         lines.append(f"| greedy win rate vs reference (over {len(result['samples'])} prompts) | "
                      f"{_number(result['win_rate'])} |")
+    kl = result.get("kl")
+    if kl is not None:
+        stderr = "" if kl["stderr"] is None else f" ± {_number(kl['stderr'])}"
+        lines.append(f"| KL(π‖π_ref), nats per answer (over {kl['samples']} sampled answers) | "
+                     f"{_number(kl['estimate'])}{stderr} |")
+        if kl["sample_gold"] is not None:
+            lines.append(f"| mean gold reward of those samples | {_number(kl['sample_gold'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -274,10 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-per-batch", type=int, default=8192, help="token budget of each forward pass")
     p.add_argument("--gold-reward", help="module:function, called (user text, response text) → float, to score "
                    "greedy samples for the win rate")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="length of each greedy sample")
-    p.add_argument("--num-generate", type=int, help="prompts to sample for the win rate (default all; 0: none)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="length of each greedy or sampled answer")
+    p.add_argument("--num-generate", type=int, help="prompts to sample for the win rate and the KL (default all; "
+                   "0: none)")
+    p.add_argument("--kl-samples", type=int, default=0, help="answers the policy samples per such prompt to "
+                   "estimate KL(π‖π_ref) (default 0: no KL)")
     p.add_argument("--output", required=True, help="directory for linearity.json / .md / .png")
-    p.add_argument("--seed", type=int, default=0, help="which prompts --num-generate picks")
+    p.add_argument("--seed", type=int, default=0, help="which prompts --num-generate picks, and the KL's samples")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "torch"),
                    help="fused-kernel backend (auto: triton on CUDA, native C++ on CPU)")
     return p
@@ -294,7 +298,9 @@ def parse_args(argv=None) -> argparse.Namespace:
          f"--max-tokens-per-batch ({args.max_tokens_per_batch}) must be ≥ --max-length ({args.max_length})"),
         (args.max_new_tokens >= 1, f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}"),
         (args.num_generate is None or args.num_generate >= 0, f"--num-generate must be ≥ 0, got {args.num_generate}"),
-        (not args.num_generate or args.gold_reward, "--num-generate needs --gold-reward (samples must be scored)"),
+        (args.kl_samples >= 0, f"--kl-samples must be ≥ 0, got {args.kl_samples}"),
+        (not args.num_generate or args.gold_reward or args.kl_samples,
+         "--num-generate needs --gold-reward or --kl-samples (what the samples are for)"),
         (args.gold_reward is None or args.gold_reward.count(":") == 1,
          f"--gold-reward must be module:function, got {args.gold_reward!r}"),
         (Path(args.policy).expanduser().exists(), f"--policy {args.policy}: no such model directory"),
@@ -383,7 +389,8 @@ def main(argv=None) -> int:
             lambda: load_causal_lm(args.reference, args.gguf_file, device=device),
             tokenizer, rows, beta=beta, reduction=reduction, max_length=args.max_length,
             max_tokens_per_batch=args.max_tokens_per_batch, gold_reward=gold_reward,
-            max_new_tokens=args.max_new_tokens, num_generate=args.num_generate, seed=args.seed,
+            max_new_tokens=args.max_new_tokens, num_generate=args.num_generate, kl_samples=args.kl_samples,
+            seed=args.seed,
             backend=args.backend, log=lambda message: print(message, file=sys.stderr))
     except (EvaluateError, PreferenceDataError, ModelLoadError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
