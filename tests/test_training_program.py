@@ -37,6 +37,15 @@ def test_train_writes_model_logs_and_curves(workdir, tmp_path):
     assert list((out / "reference-cache").glob("ref-logps-*.pt"))
 
 
+def test_a_fresh_run_in_a_used_folder_starts_a_new_log(workdir, tmp_path):
+    """Without --resume, a run into a folder an interrupted or finished run wrote to keeps none of its records."""
+    out = tmp_path / "run"
+    assert main(cli(workdir, out, "--max-steps", "2")) == 0
+    first = metrics(out)
+    assert main(cli(workdir, out, "--max-steps", "2")) == 0
+    assert metrics(out) == first  # the same run again: the same two records, not four
+
+
 def test_resume_is_bit_identical(workdir, tmp_path, monkeypatch):
     """Stop right after the checkpoint of update 2, resume: the final weights equal an uninterrupted run's."""
     full, broken = tmp_path / "full", tmp_path / "broken"

@@ -35,7 +35,8 @@ class MetricsLog:
                     self.writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records past the checkpoint's step (they will be written again)."""
+        """Drop records past `step`: on resume those after the checkpoint (they will be written again); -1 for a
+        fresh run in a folder an earlier run wrote to."""
         if not self.enabled or not self.path.is_file():
             return
         kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()

@@ -197,9 +197,10 @@ def run(args) -> dict:
     accelerator.register_for_checkpointing(scheduler)  # stepped by us: one step per optimizer update
 
     log = MetricsLog(out, enabled=accelerator.is_main_process)
+    # A resumed run drops the records past its checkpoint (written again); a fresh one those of any earlier run.
+    log.truncate_after(start if resume_path else -1)
     if resume_path:
         load_checkpoint(accelerator, resume_path)
-        log.truncate_after(start)
         say(f"resumed from {resume_path} at update {start}")
 
     bar = progress_bar(accelerator, args, total=total_updates, initial=start, desc="training")
