@@ -109,6 +109,27 @@ def test_evaluate_reports_kl_of_policy_samples(tiny_pair):
         evaluate(policy, reference, tokenizer, rows, kl_samples=-1)
 
 
+def test_the_reference_pass_is_cached_by_weights_data_and_options(tiny_pair, tmp_path):
+    from training.evaluate import evaluate
+
+    policy, reference, tokenizer = tiny_pair
+    rows = [{"prompt": rd.conversation(rd.make_prompt(1, "negative", s)),
+             "completions": [[{"role": "assistant", "content": t}] for t in ("Bad.", "Awful opera.", "Fine.")],
+             "scores": [1.0, 2.0, 0.0]} for s in ("opera", "cats")]
+    kwargs = dict(kl_samples=1, max_new_tokens=5, seed=SEED, gold_reward=rd.gold_reward, reference_cache=tmp_path)
+    logged = []
+    fresh = evaluate(policy, reference, tokenizer, rows, log=logged.append, **kwargs)
+    cached = evaluate(policy, reference, tokenizer, rows, log=logged.append, **kwargs)
+    assert len(list(tmp_path.glob("eval-reference-*.json"))) == 1
+    assert sum("read from" in line for line in logged) == 1  # the second run read it
+    for key in ("per_prompt", "samples", "win_rate", "kl"):
+        assert cached[key] == fresh[key]
+    # another reference (or other options) is another entry, never a stale one
+    evaluate(policy, policy, tokenizer, rows, **kwargs)
+    evaluate(policy, reference, tokenizer, rows, **{**kwargs, "max_new_tokens": 4})
+    assert len(list(tmp_path.glob("eval-reference-*.json"))) == 3
+
+
 def study(tmp_path, model, *extra):
     command = [sys.executable, "-m", "training.epa_study", "--out", str(tmp_path / "study"), "--model", str(model),
                "--limit-train", "8", "--num-eval-subjects", "2", "--seeds", "0", "1", "--arms", "dpo-pairs",

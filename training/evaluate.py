@@ -19,9 +19,11 @@ centred gold rewards).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -36,7 +38,7 @@ from epa_kernels.transformers import BatchPlanner, PreferenceDataError, Preferen
 from epa_kernels.transformers.data import RANKED_COLUMNS
 from epa_kernels.transformers.linearity import linearity_report, win_rate
 from epa_kernels.transformers.reading import read_preference_rows
-from epa_kernels.transformers.reference_cache import token_budget_chunks
+from epa_kernels.transformers.reference_cache import data_fingerprint, model_fingerprint, token_budget_chunks
 from training.models import SMOLLM2, ModelLoadError, load_causal_lm, load_tokenizer
 from training.sampling import answer_logps, greedy_samples, sample_answers, user_text
 
@@ -83,13 +85,16 @@ def _gold_score(gold_reward, prompt, response, row) -> float:
 def evaluate(policy_model, reference_model, tokenizer, rows, *, beta: float = 0.1, reduction: str = "sum",
              max_length: int = 1024, max_tokens_per_batch: int = 8192, gold_reward=None, max_new_tokens: int = 48,
              num_generate: int | None = None, kl_samples: int = 0, seed: int = 0, backend: str = "auto",
-             log=None) -> dict:
+             reference_cache=None, log=None) -> dict:
     """The linearity report (and, with gold_reward, the greedy win rate) of a policy against its reference.
 
     policy_model / reference_model: causal LMs, or zero-argument loaders (each model is then loaded for its own
     pass only). rows: ranked rows (prompt / completions / scores = gold rewards). gold_reward: callable
     (user text, response text) → float. num_generate: prompts sampled (seeded) for the win rate and the KL;
     None: all. kl_samples: answers the policy samples per such prompt to estimate KL(π‖π_ref) (0: none).
+    reference_cache: a directory where the reference's log-probs and greedy answers are kept, keyed by its weights,
+    the data and the options (`reference_pass_key`): evaluating many policies against one reference computes them
+    once.
     Returns {"report", "win_rate", "kl", "per_prompt", "samples", "data", "options", "seconds"}; per_prompt lists
     each prompt's completions best first (gold, logp, ref_logp, implicit); kl is None without kl_samples.
     """
@@ -124,11 +129,29 @@ def evaluate(policy_model, reference_model, tokenizer, rows, *, beta: float = 0.
         was_training = model.training
         model.eval()
         try:
-            logps[name] = sequence_logps(model, planner, keys, reduction=reduction, backend=backend,
-                                         max_tokens=max_tokens_per_batch, name=name)
-            if prompts and gold_reward is not None:
-                samples[name] = greedy_samples(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                               max_length=max_length, max_tokens=max_tokens_per_batch)
+            cache = None
+            if name == "reference" and reference_cache is not None:
+                greedy = chosen if gold_reward is not None else []
+                key = reference_pass_key(model, examples, greedy, reduction=reduction, max_length=max_length,
+                                         max_new_tokens=max_new_tokens, backend=backend)
+                cache = Path(reference_cache) / f"eval-reference-{key}.json"
+            if cache is not None and cache.exists():
+                stored = json.loads(cache.read_text(encoding="utf-8"))
+                logps[name] = stored["logps"]
+                if stored["greedy"] is not None:
+                    samples[name] = stored["greedy"]
+                log(f"{name}: log-probs and greedy answers read from {cache}")
+            else:
+                logps[name] = sequence_logps(model, planner, keys, reduction=reduction, backend=backend,
+                                             max_tokens=max_tokens_per_batch, name=name)
+                if prompts and gold_reward is not None:
+                    samples[name] = greedy_samples(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                                   max_length=max_length, max_tokens=max_tokens_per_batch)
+                if cache is not None:
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = cache.with_suffix(".tmp")
+                    tmp.write_text(json.dumps({"logps": logps[name], "greedy": samples.get(name)}), encoding="utf-8")
+                    os.replace(tmp, cache)  # a reader never sees half a file
             if prompts and kl_samples:
                 if kl_answers is None:  # the policy's pass comes first: it samples, both passes score
                     kl_answers = sample_answers(model, tokenizer, prompts, kl_samples, max_new_tokens=max_new_tokens,
@@ -169,6 +192,15 @@ def evaluate(policy_model, reference_model, tokenizer, rows, *, beta: float = 0.
                     "num_generate": num_generate, "kl_samples": kl_samples, "seed": seed, "backend": backend},
         "seconds": time.perf_counter() - started,
     }
+
+
+def reference_pass_key(model, examples, chosen, **options) -> str:
+    """What decides the reference pass's results: the model's weights and config, the tokenized data, the prompts
+    answered greedily and the options."""
+    digest = hashlib.blake2b(digest_size=12)
+    for part in (model_fingerprint(model), data_fingerprint(examples), json.dumps([chosen, sorted(options.items())])):
+        digest.update(part.encode())
+    return digest.hexdigest()
 
 
 def kl_summary(policy, reference, answers, texts, tokenizer, gold_reward) -> dict:
@@ -281,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-samples", type=int, default=0, help="answers the policy samples per such prompt to "
                    "estimate KL(π‖π_ref) (default 0: no KL)")
     p.add_argument("--output", required=True, help="directory for linearity.json / .md / .png")
+    p.add_argument("--reference-cache", help="directory keeping the reference's log-probs and greedy answers, keyed "
+                   "by its weights, the data and the options: many policies against one reference compute them once")
     p.add_argument("--seed", type=int, default=0, help="which prompts --num-generate picks, and the KL's samples")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "torch"),
                    help="fused-kernel backend (auto: triton on CUDA, native C++ on CPU)")
@@ -390,7 +424,7 @@ def main(argv=None) -> int:
             tokenizer, rows, beta=beta, reduction=reduction, max_length=args.max_length,
             max_tokens_per_batch=args.max_tokens_per_batch, gold_reward=gold_reward,
             max_new_tokens=args.max_new_tokens, num_generate=args.num_generate, kl_samples=args.kl_samples,
-            seed=args.seed,
+            seed=args.seed, reference_cache=args.reference_cache,
             backend=args.backend, log=lambda message: print(message, file=sys.stderr))
     except (EvaluateError, PreferenceDataError, ModelLoadError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

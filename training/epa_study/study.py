@@ -167,7 +167,7 @@ class Study:
             f"evaluate {arm}, seed {seed}", "training.evaluate", "--policy", str(folder / "model"), "--reference",
             str(self.base), "--data", str(self.data / "eval.jsonl"), "--gold-reward", GOLD, "--max-length", "256",
             "--max-new-tokens", str(a.max_new_tokens), "--kl-samples", str(a.kl_samples), "--output",
-            str(folder / "eval"), "--seed", "0")
+            str(folder / "eval"), "--seed", "0", "--reference-cache", str(self.out / "eval-reference-cache"))
         if not a.dry_run:
             timing_path.write_text(json.dumps(timing) + "\n")
 
