@@ -62,7 +62,7 @@ def paired_rows(runs) -> dict[str, dict[str, object]]:
     """arm → metric → PairedInterval of (arm − baseline) over the seeds both finished."""
     rows = {}
     for arm, by_seed in runs.items():
-        if arm == BASELINE:
+        if arm == BASELINE or not by_seed:  # an arm with no finished seed has nothing to pair yet
             continue
         rows[arm] = {}
         for key, _, _ in METRICS:
@@ -106,6 +106,9 @@ def verdict(paired) -> str:
     """One line per arm: only what the intervals show (better, worse, or nothing) on each metric."""
     lines = []
     for arm, metrics in paired.items():
+        if not metrics:
+            lines.append(f"- {arm} ({ARMS[arm].label}): no seed finished by both it and {BASELINE} yet.")
+            continue
         shown = []
         for key, label, higher in METRICS:
             iv = metrics.get(key)
@@ -207,7 +210,10 @@ def write_report(out: Path, arms, seeds, *, record: str | None = None) -> str:
         f"prompts per update, seeds {sorted({s for r in runs.values() for s in r})} (each seed draws its own "
         f"preferences from the same answers and its own order and weak negatives). KL: {setting['kl_samples']} "
         f"policy samples per held-out prompt.")
-    text = "\n\n".join([tables(runs, paired), "**What the intervals show**", verdict(paired), conditions])
+    waiting = [arm for arm, by_seed in runs.items() if not by_seed]
+    status = f"Not finished yet (rerun the study to resume): {', '.join(waiting)}." if waiting else ""
+    text = "\n\n".join(part for part in [tables(runs, paired), "**What the intervals show**", verdict(paired),
+                                          status, conditions] if part)
     (out / "summary.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(
         {"environment": env, "setting": setting, "data": meta, "runs": runs,
