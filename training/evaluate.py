@@ -149,7 +149,7 @@ def evaluate(policy_model, reference_model, tokenizer, rows, *, beta: float = 0.
                                                    max_length=max_length, max_tokens=max_tokens_per_batch)
                 if cache is not None:
                     cache.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cache.with_suffix(".tmp")
+                    tmp = cache.with_suffix(f".tmp{os.getpid()}")  # two evaluations may write one key at once
                     tmp.write_text(json.dumps({"logps": logps[name], "greedy": samples.get(name)}), encoding="utf-8")
                     os.replace(tmp, cache)  # a reader never sees half a file
             if prompts and kl_samples:
