@@ -130,17 +130,17 @@ def test_the_reference_pass_is_cached_by_weights_data_and_options(tiny_pair, tmp
     assert len(list(tmp_path.glob("eval-reference-*.json"))) == 3
 
 
-def study(tmp_path, model, *extra):
-    command = [sys.executable, "-m", "training.epa_study", "--out", str(tmp_path / "study"), "--model", str(model),
+def study(out, model, *extra):
+    command = [sys.executable, "-m", "training.epa_study", "--out", str(out), "--model", str(model),
                "--limit-train", "8", "--num-eval-subjects", "2", "--seeds", "0", "1", "--arms", "dpo-pairs",
                "epa-k5-w2", "--prompts-per-update", "4", "--max-new-tokens", "6", "--kl-samples", "1", *extra]
     return subprocess.run(command, capture_output=True, text=True)
 
 
 def test_study_end_to_end_resumes_and_refuses_another_setting(workdir, tmp_path):
-    first = study(tmp_path, workdir / "model")
-    assert first.returncode == 0, first.stderr[-3000:]
     out = tmp_path / "study"
+    first = study(out, workdir / "model", "--record", str(tmp_path / "record"))
+    assert first.returncode == 0, first.stderr[-3000:]
     summary = (out / "summary.md").read_text()
     assert "epa-k5-w2" in summary and "paired by seed" in summary and "What the intervals show" in summary
     results = json.loads((out / "results.json").read_text())
@@ -156,10 +156,23 @@ def test_study_end_to_end_resumes_and_refuses_another_setting(workdir, tmp_path)
     kl = [runs["epa-k5-w2"][s]["kl"] - runs["dpo-pairs"][s]["kl"] for s in ("0", "1")]
     assert paired["n"] == 2 and paired["mean"] == pytest.approx(np.mean(kl))
 
-    again = study(tmp_path, workdir / "model")  # every run is done: nothing trains again
+    again = study(out, workdir / "model")  # every run is done: nothing trains again
     assert again.returncode == 0 and "== train" not in again.stdout and "== evaluate" not in again.stdout
-    refused = study(tmp_path, workdir / "model", "--lr", "1e-3")
+    refused = study(out, workdir / "model", "--lr", "1e-3")
     assert refused.returncode != 0 and "another setting" in refused.stderr and "lr: 5e-05 → 0.001" in refused.stderr
+
+    # the record keeps the portable part (no weights, no per-seed preferences: redrawn identically, see above):
+    # another folder restored from it trains nothing again and reports the same numbers
+    archived = next((tmp_path / "record").glob("*_cpu_epa-study")) / "study"
+    assert (archived / "data/responses.jsonl").exists() and (archived / "runs/epa-k5-w2/seed-1/eval").is_dir()
+    assert not list(archived.rglob("*.safetensors")) and not (archived / "data/seed-0").exists()
+    other = tmp_path / "restored"
+    restored = study(other, workdir / "model", "--restore", str(archived))
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    assert "== train" not in restored.stdout and "== evaluate" not in restored.stdout
+    assert json.loads((other / "results.json").read_text())["runs"] == runs
+    refused = study(tmp_path / "elsewhere", workdir / "model", "--restore", str(archived), "--beta", "0.5")
+    assert refused.returncode != 0 and "beta: 0.1 → 0.5" in refused.stderr
 
 
 def test_study_options_are_checked(capsys):

@@ -2,7 +2,8 @@
 
 summary.md (conditions, the per-arm means, the paired table, what each interval shows, wall time per arm),
 results.json (every run's numbers, the environment), curves.png (training loss and accuracy), scatter.png (centred
-implicit against centred gold reward on the held-out prompts) and intervals.png (the paired differences).
+implicit against centred gold reward on the held-out prompts) and intervals.png (the paired differences); a record
+also keeps the study's portable part (`archive.py`), from which the report is re-derived or the study resumed.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from epa_kernels.provenance import environment
+from training.epa_study.archive import archive
 from training.epa_study.study import ARMS, BASELINE
 from training.paired import paired_interval
 
@@ -227,5 +229,6 @@ def write_report(out: Path, arms, seeds, *, record: str | None = None) -> str:
         for name in ("summary.md", "results.json", "curves.png", "scatter.png", "intervals.png"):
             if (out / name).exists():
                 shutil.copy(out / name, folder / name)
-        print(f"recorded in {folder}")
+        files = archive(out, folder / "study")
+        print(f"recorded in {folder} (the study's portable part, {files} files, in {folder / 'study'})")
     return text

