@@ -38,8 +38,8 @@ def run_values(folder: Path) -> dict | None:
     kl = result.get("kl") or {}
     values = {key: result["report"].get(key) for key, _, _ in METRICS if key in result["report"]}
     values.update(win_rate=result.get("win_rate"), kl=kl.get("estimate"), sample_gold=kl.get("sample_gold"),
-                  updates=train["updates"], train_loss=train["train"]["loss"], **{f"{k}_seconds": v for k, v in
-                                                                                   timing.items()})
+                  updates=train["updates"], train_loss=train["train"]["loss"], threads=timing.get("threads"),
+                  **{f"{k}_seconds": timing[k] for k in ("train", "evaluate") if k in timing})
     return values
 
 
@@ -58,6 +58,16 @@ def _mean(values) -> float | None:
 
 def _cell(value, digits=3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _interval(iv) -> str:
+    """mean [low, high], bold when the interval excludes 0; the mean alone from one seed."""
+    if iv is None:
+        return "—"
+    if iv.low is None:
+        return f"{iv.mean:+.3f}"
+    text = f"{iv.mean:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
+    return f"**{text}**" if iv.verdict != "no difference shown" else text
 
 
 def paired_rows(runs) -> dict[str, dict[str, object]]:
@@ -89,18 +99,33 @@ def tables(runs, paired) -> str:
                   "excludes 0)", "", "| arm | seeds | " + " | ".join(label for _, label, _ in METRICS) + " |",
               "|---|---:|" + "---:|" * len(METRICS)]
     for arm, metrics in paired.items():
-        cells = []
-        for key, _, _ in METRICS:
-            iv = metrics.get(key)
-            if iv is None:
-                cells.append("—")
-            elif iv.low is None:
-                cells.append(f"{iv.mean:+.3f}")
-            else:
-                text = f"{iv.mean:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
-                cells.append(f"**{text}**" if iv.verdict != "no difference shown" else text)
+        cells = [_interval(metrics.get(key)) for key, _, _ in METRICS]
         seeds = max((iv.n for iv in metrics.values()), default=0)
         lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+HEADLINE = ("mean_pearson", "mean_regression_error", "pairwise_accuracy", "win_rate", "kl")
+
+
+def headline(runs, paired) -> str:
+    """The README's table: the baseline's means, then each arm's paired difference on the headline metrics and
+    the wall time of one run (training + evaluation)."""
+    labels = {key: label for key, label, _ in METRICS}
+    base = list(runs[BASELINE].values())
+
+    def minutes(values):
+        total = _mean((v.get("train_seconds") or 0) + (v.get("evaluate_seconds") or 0) for v in values)
+        return _cell(None if total is None else total / 60, 1)
+
+    lines = ["| arm | seeds | " + " | ".join(labels[k] for k in HEADLINE) + " | minutes per run |",
+             "|---|---:|" + "---:|" * (len(HEADLINE) + 1),
+             f"| {BASELINE} (value) | {len(base)} | " + " | ".join(_cell(_mean(v.get(k) for v in base))
+                                                              for k in HEADLINE) + f" | {minutes(base)} |"]
+    for arm, metrics in paired.items():
+        cells = [_interval(metrics.get(key)) for key in HEADLINE]
+        seeds = max((iv.n for iv in metrics.values()), default=0)
+        lines.append(f"| {arm} − {BASELINE} | {seeds} | " + " | ".join(cells) + f" | {minutes(runs[arm].values())} |")
     return "\n".join(lines)
 
 
@@ -211,11 +236,14 @@ def write_report(out: Path, arms, seeds, *, record: str | None = None) -> str:
         f"β = {setting['beta']}, lr = {setting['lr']}, {setting['epochs']} epoch(s), {setting['prompts_per_update']} "
         f"prompts per update, seeds {sorted({s for r in runs.values() for s in r})} (each seed draws its own "
         f"preferences from the same answers and its own order and weak negatives). KL: {setting['kl_samples']} "
-        f"policy samples per held-out prompt.")
+        f"policy samples per held-out prompt. Wall times: one process per run, OMP_NUM_THREADS "
+        f"{'/'.join(sorted({str(v.get('threads')) for r in runs.values() for v in r.values()}))} "
+        f"(None: not recorded).")
     waiting = [arm for arm, by_seed in runs.items() if not by_seed]
     status = f"Not finished yet (rerun the study to resume): {', '.join(waiting)}." if waiting else ""
     text = "\n\n".join(part for part in [tables(runs, paired), "**What the intervals show**", verdict(paired),
-                                          status, conditions] if part)
+                                          status, "**Headline** (the README's table)", headline(runs, paired),
+                                          conditions] if part)
     (out / "summary.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(
         {"environment": env, "setting": setting, "data": meta, "runs": runs,

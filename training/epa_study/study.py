@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -166,6 +167,8 @@ class Study:
                 "--save-minutes", "10", "--no-progress", *(["--bf16"] if a.bf16 else []), *resume)
             if not a.dry_run:
                 timing_path.write_text(json.dumps(timing) + "\n")
+        # wall times depend on the threads each run had (two runs side by side on 2 cores: 1 each)
+        timing["threads"] = os.environ.get("OMP_NUM_THREADS", "torch default")
         timing["evaluate"] = self.run(
             f"evaluate {arm}, seed {seed}", "training.evaluate", "--policy", str(folder / "model"), "--reference",
             str(self.base), "--data", str(self.data / "eval.jsonl"), "--gold-reward", GOLD, "--max-length", "256",
