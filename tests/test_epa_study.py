@@ -184,3 +184,24 @@ def test_study_options_are_checked(capsys):
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_contrasts_pair_arms_by_seed_and_skip_arms_not_run():
+    from training.epa_study.report import METRICS, contrast_rows, headline, paired_rows, verdict
+
+    rng = np.random.default_rng(SEED)
+    print("seed", SEED)
+    keys = [key for key, _, _ in METRICS]
+    runs = {arm: {s: {k: float(rng.normal()) for k in keys} for s in (0, 1, 2)}
+            for arm in ("dpo-pairs", "dpo-k5", "epa-k5", "epa-k5-w8")}
+    del runs["epa-k5"][2]  # a seed one arm has not finished is left out of its pairs
+    paired, contrasts = paired_rows(runs), contrast_rows(runs)
+    assert set(contrasts) == {"epa-k5 − dpo-k5", "epa-k5-w8 − epa-k5"}  # w2 and α = 0.5 never ran
+    diffs = [runs["epa-k5-w8"][s]["kl"] - runs["epa-k5"][s]["kl"] for s in (0, 1)]
+    iv = contrasts["epa-k5-w8 − epa-k5"]["kl"]
+    assert iv.n == 2 and iv.mean == pytest.approx(np.mean(diffs))
+    assert paired["epa-k5-w8"]["mean_pearson"].n == 3
+    lines = verdict(paired, contrasts).splitlines()
+    assert len(lines) == 5 and any(line.startswith("- epa-k5-w8 vs epa-k5, 2 seeds:") for line in lines)
+    table = headline(runs, paired, contrasts).splitlines()
+    assert len(table) == 2 + 1 + 3 + 2 and table[-1].startswith("| epa-k5-w8 − epa-k5 | 2 |")

@@ -1,6 +1,7 @@
-"""The EPA study's report: every arm against DPO-on-pairs, paired by seed, with Student's t interval.
+"""The EPA study's report: every arm against DPO-on-pairs, and the contrasts that set the defaults (EPA against DPO
+on the same data, weak negatives added, their weight), paired by seed, with Student's t interval.
 
-summary.md (conditions, the per-arm means, the paired table, what each interval shows, wall time per arm),
+summary.md (conditions, the per-arm means, the paired tables, what each interval shows, wall time per arm),
 results.json (every run's numbers, the environment), curves.png (training loss and accuracy), scatter.png (centred
 implicit against centred gold reward on the held-out prompts) and intervals.png (the paired differences); a record
 also keeps the study's portable part (`archive.py`), from which the report is re-derived or the study resumed.
@@ -70,22 +71,33 @@ def _interval(iv) -> str:
     return f"**{text}**" if iv.verdict != "no difference shown" else text
 
 
-def paired_rows(runs) -> dict[str, dict[str, object]]:
-    """arm → metric → PairedInterval of (arm − baseline) over the seeds both finished."""
+# What sets the defaults: the loss on the same data, weak negatives added to EPA, and their weight.
+CONTRASTS = (("epa-k5", "dpo-k5"), ("epa-k5-w2", "epa-k5"), ("epa-k5-w8", "epa-k5"), ("epa-k5-w8-a0.5", "epa-k5-w8"))
+
+
+def paired_metrics(runs, arm: str, against: str) -> dict[str, object]:
+    """metric → PairedInterval of (arm − against) over the seeds both finished."""
     rows = {}
-    for arm, by_seed in runs.items():
-        if arm == BASELINE or not by_seed:  # an arm with no finished seed has nothing to pair yet
-            continue
-        rows[arm] = {}
-        for key, _, _ in METRICS:
-            diffs = [v[key] - runs[BASELINE][s][key] for s, v in by_seed.items()
-                     if s in runs[BASELINE] and v.get(key) is not None and runs[BASELINE][s].get(key) is not None]
-            if diffs:
-                rows[arm][key] = paired_interval(diffs)
+    for key, _, _ in METRICS:
+        diffs = [v[key] - runs[against][s][key] for s, v in runs[arm].items()
+                 if s in runs[against] and v.get(key) is not None and runs[against][s].get(key) is not None]
+        if diffs:
+            rows[key] = paired_interval(diffs)
     return rows
 
 
-def tables(runs, paired) -> str:
+def paired_rows(runs) -> dict[str, dict[str, object]]:
+    """arm → metric → PairedInterval of (arm − baseline); arms with no finished seed have nothing to pair yet."""
+    return {arm: paired_metrics(runs, arm, BASELINE) for arm, by_seed in runs.items() if arm != BASELINE and by_seed}
+
+
+def contrast_rows(runs) -> dict[str, dict[str, object]]:
+    """"arm − other" → metric → PairedInterval, for the CONTRASTS whose two arms both ran."""
+    return {f"{arm} − {other}": paired_metrics(runs, arm, other) for arm, other in CONTRASTS
+            if runs.get(arm) and runs.get(other)}
+
+
+def tables(runs, paired, contrasts) -> str:
     head = "| arm | seeds | updates | " + " | ".join(label for _, label, _ in METRICS) + " | train s | eval s |"
     lines = ["**Means over seeds**", "", head, "|---|---:|---:|" + "---:|" * (len(METRICS) + 2)]
     for arm, by_seed in runs.items():
@@ -97,20 +109,29 @@ def tables(runs, paired) -> str:
                        f"{_cell(_mean(v.get('evaluate_seconds') for v in values), 0)} |")
     lines += ["", f"**Difference from {BASELINE}, paired by seed: mean [95% t interval]** (bold: the interval "
                   "excludes 0)", "", "| arm | seeds | " + " | ".join(label for _, label, _ in METRICS) + " |",
-              "|---|---:|" + "---:|" * len(METRICS)]
-    for arm, metrics in paired.items():
+              "|---|---:|" + "---:|" * len(METRICS), *_paired_table(paired)]
+    if contrasts:
+        lines += ["", "**Between arms, paired by seed** (the loss on the same data; weak negatives added; their "
+                      "weight)", "", "| contrast | seeds | " + " | ".join(label for _, label, _ in METRICS) + " |",
+                  "|---|---:|" + "---:|" * len(METRICS), *_paired_table(contrasts)]
+    return "\n".join(lines)
+
+
+def _paired_table(paired) -> list[str]:
+    lines = []
+    for name, metrics in paired.items():
         cells = [_interval(metrics.get(key)) for key, _, _ in METRICS]
         seeds = max((iv.n for iv in metrics.values()), default=0)
-        lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
 
 
 HEADLINE = ("mean_pearson", "mean_regression_error", "pairwise_accuracy", "win_rate", "kl")
 
 
-def headline(runs, paired) -> str:
-    """The README's table: the baseline's means, then each arm's paired difference on the headline metrics and
-    the wall time of one run (training + evaluation)."""
+def headline(runs, paired, contrasts) -> str:
+    """The README's table: the baseline's means, then each arm's paired difference from it and the contrasts, on
+    the headline metrics, with the wall time of one run of the arm (training + evaluation)."""
     labels = {key: label for key, label, _ in METRICS}
     base = list(runs[BASELINE].values())
 
@@ -122,19 +143,23 @@ def headline(runs, paired) -> str:
              "|---|---:|" + "---:|" * (len(HEADLINE) + 1),
              f"| {BASELINE} (value) | {len(base)} | " + " | ".join(_cell(_mean(v.get(k) for v in base))
                                                               for k in HEADLINE) + f" | {minutes(base)} |"]
-    for arm, metrics in paired.items():
+    rows = {**{f"{arm} − {BASELINE}": m for arm, m in paired.items()}, **contrasts}
+    for name, metrics in rows.items():
         cells = [_interval(metrics.get(key)) for key in HEADLINE]
         seeds = max((iv.n for iv in metrics.values()), default=0)
-        lines.append(f"| {arm} − {BASELINE} | {seeds} | " + " | ".join(cells) + f" | {minutes(runs[arm].values())} |")
+        arm = name.split(" − ")[0]
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {minutes(runs[arm].values())} |")
     return "\n".join(lines)
 
 
-def verdict(paired) -> str:
-    """One line per arm: only what the intervals show (better, worse, or nothing) on each metric."""
+def verdict(paired, contrasts) -> str:
+    """One line per arm and per contrast: only what the intervals show (better, worse, or nothing)."""
+    named = {arm: f"{arm} ({ARMS[arm].label}) vs {BASELINE}" for arm in paired}
+    named.update({name: name.replace(" − ", " vs ") for name in contrasts})
     lines = []
-    for arm, metrics in paired.items():
+    for name, metrics in {**paired, **contrasts}.items():
         if not metrics:
-            lines.append(f"- {arm} ({ARMS[arm].label}): no seed finished by both it and {BASELINE} yet.")
+            lines.append(f"- {named[name]}: no seed finished by both yet.")
             continue
         shown = []
         for key, label, higher in METRICS:
@@ -147,8 +172,8 @@ def verdict(paired) -> str:
                 better = (iv.verdict == "higher") == higher
                 shown.append(f"{label} {'better' if better else 'worse'}")
         seeds = max((iv.n for iv in metrics.values()), default=0)
-        text = "; ".join(shown) if shown else "no metric separates from it"
-        lines.append(f"- {arm} ({ARMS[arm].label}) vs {BASELINE}, {seeds} seeds: {text}.")
+        text = "; ".join(shown) if shown else "no metric separates them"
+        lines.append(f"- {named[name]}, {seeds} seeds: {text}.")
     return "\n".join(lines)
 
 
@@ -221,7 +246,7 @@ def write_report(out: Path, arms, seeds, *, record: str | None = None) -> str:
     runs = collect(out, arms, seeds)
     if not runs.get(BASELINE):
         raise SystemExit(f"error: no finished {BASELINE} run in {out}: nothing to pair against")
-    paired = paired_rows(runs)
+    paired, contrasts = paired_rows(runs), contrast_rows(runs)
     setting = json.loads((out / "study.json").read_text())["setting"]
     meta = json.loads((out / "data" / "meta.json").read_text())
     env = environment(torch.device("cpu"))
@@ -241,13 +266,14 @@ def write_report(out: Path, arms, seeds, *, record: str | None = None) -> str:
         f"(None: not recorded).")
     waiting = [arm for arm, by_seed in runs.items() if not by_seed]
     status = f"Not finished yet (rerun the study to resume): {', '.join(waiting)}." if waiting else ""
-    text = "\n\n".join(part for part in [tables(runs, paired), "**What the intervals show**", verdict(paired),
-                                          status, "**Headline** (the README's table)", headline(runs, paired),
-                                          conditions] if part)
+    parts = [tables(runs, paired, contrasts), "**What the intervals show**", verdict(paired, contrasts), status,
+             "**Headline** (the README's table)", headline(runs, paired, contrasts), conditions]
+    text = "\n\n".join(part for part in parts if part)
     (out / "summary.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(
         {"environment": env, "setting": setting, "data": meta, "runs": runs,
-         "paired": {arm: {k: vars(iv) for k, iv in m.items()} for arm, m in paired.items()}}, indent=1,
+         "paired": {arm: {k: vars(iv) for k, iv in m.items()} for arm, m in paired.items()},
+         "contrasts": {name: {k: vars(iv) for k, iv in m.items()} for name, m in contrasts.items()}}, indent=1,
         default=str))
     plot(out, runs, paired)
     print(text)
