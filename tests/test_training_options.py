@@ -8,7 +8,7 @@ import torch
 from training_fixtures import cli, metrics, saved_weights
 
 from training.epa.__main__ import main
-from training.epa.cli import TRL_NAMES, build_parser, parse_args
+from training.epa.cli import DEFAULT_NUM_WEAK, TRL_NAMES, build_parser, parse_args
 from training.models import ModelLoadError, attention_implementation
 
 
@@ -46,6 +46,14 @@ def test_every_trl_name_is_an_option_of_the_same_meaning():
                        "--max_prompt_length", "none"])
     assert (args.model, args.data, args.loss, args.resume, args.dtype, args.max_prompt_length) == (
         "m", "d", "dpo", "ckpt", "bfloat16", None)
+
+
+def test_weak_negatives_default_to_the_studys_choice_for_epa_only():
+    base = ["--model", "m", "--data", "d", "--output-dir", "o"]
+    assert parse_args(base).num_weak == DEFAULT_NUM_WEAK == 2  # --loss epa is the default loss
+    for loss in ("dpo", "plackett_luce", "sdpo"):  # the last two refuse weak negatives: their default is none
+        assert parse_args([*base, "--loss", loss]).num_weak == 0
+    assert parse_args([*base, "--num-weak", "0"]).num_weak == 0
 
 
 def test_a_yaml_config_is_the_command_line(workdir, tmp_path):

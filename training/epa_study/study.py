@@ -33,7 +33,7 @@ class Arm:
 ARMS = {
     "dpo-pairs": Arm("train_pairs.jsonl", ("--loss", "dpo"), "DPO, one Bradley–Terry pair per prompt"),
     "dpo-k5": Arm("train_multi.jsonl", ("--loss", "dpo"), "DPO averaged over the same K = 5 negatives"),
-    "epa-k5": Arm("train_multi.jsonl", ("--loss", "epa"), "EPA, K = 5 strong, W = 0"),
+    "epa-k5": Arm("train_multi.jsonl", ("--loss", "epa", "--num-weak", "0"), "EPA, K = 5 strong, W = 0"),
     "epa-k5-w2": Arm("train_multi.jsonl", ("--loss", "epa", "--num-weak", "2"), "EPA, K = 5, W = 2 (α = 1)"),
     "epa-k5-w8": Arm("train_multi.jsonl", ("--loss", "epa", "--num-weak", "8"), "EPA, K = 5, W = 8 (α = 1)"),
     "epa-k5-w8-a0.5": Arm("train_multi.jsonl", ("--loss", "epa", "--num-weak", "8", "--weak-weight", "0.5"),
