@@ -23,7 +23,7 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INVALID_ROWS = ("error", "skip")
 # W for --loss epa: in the EPA study (docs/training.md) W = 2 made the implicit reward track the gold reward
-# better than W = 0 (mean Pearson +0.08, slope-1 error −0.09, 3 seeds) at +25% training time; W = 8 did no better.
+# better than W = 0 (mean Pearson +0.08, slope-1 error −0.09, 3 seeds) at +25% training time; W = 8 added little.
 DEFAULT_NUM_WEAK = 2
 # This program's option → the extra names TRL gives it (besides the underscore spelling every option has).
 TRL_NAMES = {
