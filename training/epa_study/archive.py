@@ -22,8 +22,8 @@ def portable_files(out: Path) -> list[Path]:
         for name in RUN:
             path = run / name
             found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-            files += [p.relative_to(out) for p in found if p.exists() and p.suffix != ".png"]  # records, not plots
-    return [f for f in files if (out / f).exists()]
+            files += [p.relative_to(out) for p in found if p.suffix != ".png"]  # records, not plots
+    return [f for f in files if (out / f).exists()]  # a run may lack timing.json; data/ may be partial
 
 
 def archive(out: Path, into: Path) -> int:

@@ -143,11 +143,13 @@ def headline(runs, paired, contrasts) -> str:
              "|---|---:|" + "---:|" * (len(HEADLINE) + 1),
              f"| {BASELINE} (value) | {len(base)} | " + " | ".join(_cell(_mean(v.get(k) for v in base))
                                                               for k in HEADLINE) + f" | {minutes(base)} |"]
+    arms = {f"{arm} − {other}": arm for arm, other in CONTRASTS}  # the arm whose run time a contrast shows
     rows = {**{f"{arm} − {BASELINE}": m for arm, m in paired.items()}, **contrasts}
+    arms.update({f"{arm} − {BASELINE}": arm for arm in paired})
     for name, metrics in rows.items():
         cells = [_interval(metrics.get(key)) for key in HEADLINE]
         seeds = max((iv.n for iv in metrics.values()), default=0)
-        arm = name.split(" − ")[0]
+        arm = arms[name]
         lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {minutes(runs[arm].values())} |")
     return "\n".join(lines)
 
