@@ -43,6 +43,18 @@ def tiny_pool(n=40, length=8, seed=0):
     return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 
+def tiny_mlm(seed=0):
+    """A tiny BertForMaskedLM over the tiny pools' 100-token vocabulary (ALPS's masked LM)."""
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, pad_token_id=0)
+    return transformers.BertForMaskedLM(config).eval()
+
+
+# Options a strategy cannot do without (everything else has defaults).
+REQUIRED_OPTIONS = {"alps": lambda: {"mlm": tiny_mlm()}}
+
+
 @pytest.fixture(scope="module")
 def bert():
     return tiny_bert()
@@ -211,7 +223,7 @@ def test_sign_is_canonical_whatever_the_random_start(num_labels, iters):
 # ---------------------------------------------------------------------------------------------------- strategies
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_strategy_contract(name, bert, pool):
-    strategy = make_strategy(name, progress=False)
+    strategy = make_strategy(name, progress=False, **REQUIRED_OPTIONS.get(name, dict)())
     labeled = {0, 3, 5, 7, 11}
     picked = strategy.select(bert, pool, 10, labeled=labeled, batch_size=16, seed=1)
     assert len(picked) == 10 and len(set(picked)) == 10

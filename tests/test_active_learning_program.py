@@ -47,13 +47,14 @@ def strategies():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A random 1-layer BERT (hidden 32) and a word-level BertTokenizerFast, saved like a real checkpoint."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
     path = tmp_path_factory.mktemp("tiny-bert")
     words = sorted({w for ws in CLASSES.values() for w in ws} | set(FILLER))
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    # the vocabulary as a dict: transformers 5 ignores a `vocab_file=` here (every word would be [UNK])
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
+    assert tokenizer("ball goal").input_ids[1:-1] == [vocab.index("ball"), vocab.index("goal")]
     tokenizer.save_pretrained(path)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, num_labels=3)

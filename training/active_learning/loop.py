@@ -21,8 +21,8 @@ from training.active_learning.model import (
     train_model,
 )
 from training.active_learning.report import write_reports
-from training.active_learning.state import fingerprint, load_state, write_json
-from training.active_learning.strategies import build_strategies, select
+from training.active_learning.state import fingerprint, load_state, uses_alps, write_json
+from training.active_learning.strategies import build_alps, build_strategies, select, select_initial
 
 
 def run(args) -> dict:
@@ -75,11 +75,26 @@ def run(args) -> dict:
                                     "pool_rows": data.pool_rows, "test_rows": data.test_rows, "info": data.info})
 
     n_pool = len(data.pool_texts)
+    mlm = mlm_tokenizer = alps_pool = None
+    if uses_alps(args):
+        from training.active_learning.mlm import load_mlm
+
+        mlm, mlm_tokenizer, state["mlm"] = load_mlm(args, data.pool_texts, out, device)
+        # ALPS reads the pool through its own tokenizer (the same rows, in pool-index order) when it differs
+        same = mlm_tokenizer.get_vocab() == tokenizer.get_vocab()
+        alps_pool = pool if same else tokenize(mlm_tokenizer, data.pool_texts, args.max_length)
     total_units = len(args.seeds) * len(args.strategies) * (args.rounds + 1)
     bar = tqdm(total=total_units, desc="active learning", unit="round", dynamic_ncols=True)
     for seed in args.seeds:
-        initial = sorted(np.random.RandomState(mix_seed(seed, "initial")).choice(
-            n_pool, args.initial_size, replace=False).tolist())
+        alps = build_alps(args, mlm, mlm_tokenizer, seed) if mlm is not None else None
+        initial_seconds = 0.0
+        if args.initial == "alps":
+            t = time.perf_counter()
+            initial = select_initial(alps, alps_pool, args, seed, device)
+            initial_seconds = time.perf_counter() - t
+        else:
+            initial = sorted(np.random.RandomState(mix_seed(seed, "initial")).choice(
+                n_pool, args.initial_size, replace=False).tolist())
         base = None  # loaded when a round of this seed has to be trained
         shared_round0 = None  # (model, metrics): round 0 is the same model for every strategy under a seed
 
@@ -90,6 +105,7 @@ def run(args) -> dict:
             return base
 
         for name in args.strategies:
+            strategy, strategy_pool = (alps, alps_pool) if name == "alps" else (strategies[name], pool)
             entries = state["curves"].setdefault(name, {}).setdefault(str(seed), [])
             done = len(entries)  # recorded rounds beyond --rounds (an earlier, longer run) are kept
             bar.update(min(done, args.rounds + 1))
@@ -106,7 +122,7 @@ def run(args) -> dict:
                     bar.set_postfix_str(f"{name} seed {seed}: retraining round {last['round']} to query")
                     model = train_model(get_base(), pool, data.pool_labels, labeled, args, seed, last["round"], device)
                     q0 = time.perf_counter()
-                    last["queried"] = select(strategies[name], name, model, pool, args.query_size,
+                    last["queried"] = select(strategy, name, model, strategy_pool, args.query_size,
                                              labeled, args, seed, last["round"], n_pool)
                     last["query_seconds"] = time.perf_counter() - q0
                     last["seconds"] = last["train_seconds"] + last["eval_seconds"] + last["query_seconds"]
@@ -131,12 +147,14 @@ def run(args) -> dict:
                          "labeled_indices": list(labeled), "queried": None}
                 if rnd < args.rounds:
                     t = time.perf_counter()
-                    entry["queried"] = select(strategies[name], name, model, pool, args.query_size,
+                    entry["queried"] = select(strategy, name, model, strategy_pool, args.query_size,
                                               labeled, args, seed, rnd, n_pool)
                     entry["query_seconds"] = time.perf_counter() - t
                     labeled = sorted(set(labeled) | set(entry["queried"]))
+                if rnd == 0:
+                    entry["initial_seconds"] = initial_seconds  # choosing the first labels (ALPS; 0 at random)
                 # what this round costs a strategy on its own (a shared round 0 counts in full)
-                entry["seconds"] = train_s + eval_s + entry["query_seconds"]
+                entry["seconds"] = train_s + eval_s + entry["query_seconds"] + entry.get("initial_seconds", 0.0)
                 entries.append(entry)
                 save()
                 bar.update(1)

@@ -16,9 +16,20 @@ FINGERPRINT_KEYS = (
     "data", "text_column", "label_column", "split", "test_data", "test_split", "test_fraction", "test_limit",
     "pool_limit", "split_seed", "dedupe", "model", "tokenizer", "strategy_option", "initial_size", "query_size",
     "epochs", "min_steps", "lr", "weight_decay", "warmup", "batch_size", "eval_batch_size", "max_length",
-    "precision", "group_by_length", "data_sha256",
+    "precision", "group_by_length", "data_sha256", "initial", "mlm_model", "mlm_steps",
 )
-PATH_KEYS = ("data", "test_data", "model", "tokenizer")  # compared as absolute paths when they are paths
+# Keys added after records were written: an older record holds their value at the time (the default).
+LEGACY = {"initial": "random", "mlm_model": None, "mlm_steps": None}
+# The masked LM changes only what ALPS does: a record made without ALPS takes any, one made with ALPS only its own.
+ALPS_KEYS = ("mlm_model", "mlm_steps")
+FITTED_HEAD = "fitted-head"  # the fingerprint's name for the default masked LM (training/active_learning/mlm.py)
+
+
+def uses_alps(args) -> bool:
+    return "alps" in args.strategies or args.initial == "alps"
+
+
+PATH_KEYS = ("data", "test_data", "model", "tokenizer", "mlm_model")  # compared as absolute paths when they are paths
 
 
 def _as_path(spec):
@@ -31,6 +42,12 @@ def _as_path(spec):
 
 def fingerprint(args) -> dict:
     out = {k: getattr(args, k, None) for k in FINGERPRINT_KEYS}
+    if not uses_alps(args):
+        out.update(dict.fromkeys(ALPS_KEYS))
+    elif out["mlm_model"] is None:
+        out["mlm_model"] = FITTED_HEAD
+    else:
+        out["mlm_steps"] = None  # only the fitted head takes steps
     for key in PATH_KEYS:
         out[key] = _as_path(out[key])
     out["strategy_option"] = sorted(out["strategy_option"] or [])
@@ -48,12 +65,14 @@ def load_state(path: Path, args, label_names) -> dict:
         raise ALError(f"{path} is not valid JSON ({e}); remove it or pass --no-resume") from e
     if state.get("version") != FORMAT_VERSION:
         raise ALError(f"{path}: format version {state.get('version')} != {FORMAT_VERSION}; use --no-resume")
-    old, new = state.get("config", {}), fingerprint(args)
-    diff = [f"{k}: recorded {old.get(k)!r}, now {new[k]!r}" for k in FINGERPRINT_KEYS if old.get(k) != new[k]]
+    old, new = {**LEGACY, **state.get("config", {})}, fingerprint(args)
+    diff = [f"{k}: recorded {old[k]!r}, now {new[k]!r}" for k in FINGERPRINT_KEYS
+            if old[k] != new[k] and not (k in ALPS_KEYS and old[k] is None)]
     if diff:
         raise ALError(f"{path} holds results of a different configuration ({'; '.join(diff)}); "
                       "use another --out or --no-resume to discard them")
     state["label_names"] = label_names
+    state["config"] = new  # the same numbers; a record resumed with ALPS added now names its masked LM
     state["sessions"] = sessions(state)
     state.pop("environment", None)
     return state

@@ -32,12 +32,21 @@ def check_strategies(names):
 
 
 def build_strategies(args) -> dict:
-    """The strategies with their --strategy-option keywords, built (and so validated) before any data is read."""
+    """The strategies with their --strategy-option keywords, built (and so validated) before any data is read.
+    ALPS is built per seed once its masked LM is loaded (`build_alps`); its keywords are checked here."""
+    import inspect
+
     check_strategies(args.strategies)
     available, make_strategy = strategy_library()
     options = parse_strategy_options(args.strategy_option, args.strategies)
     strategies = {}
     for name in args.strategies:
+        if name == "alps":
+            try:
+                inspect.signature(available[name]).bind_partial(**options[name])
+            except TypeError as e:
+                raise ALError(f"--strategy-option: strategy 'alps' rejects its options: {e}") from e
+            continue
         try:
             strategies[name] = make_strategy(name, **quiet(available[name], options[name]))
         except (TypeError, ValueError) as e:
@@ -66,3 +75,26 @@ def select(strategy, name, model, pool, k, labeled, args, seed, rnd, n) -> list[
     return picked
 
 
+
+
+def build_alps(args, mlm, tokenizer, seed: int):
+    """ALPS for one seed: its masked LM, the alps --strategy-option keywords (when alps is among --strategies),
+    and, unless given, scored positions drawn under the seed (so the seeds differ in them, as ALPS's runs do)."""
+    from epa_kernels.active import ALPS
+
+    options = parse_strategy_options(args.strategy_option, args.strategies).get("alps", {})
+    options = {"embedding_seed": mix_seed(seed, "alps-positions"), **quiet(ALPS, options)}
+    try:
+        return ALPS(mlm=mlm, tokenizer=tokenizer, **options)
+    except (TypeError, ValueError) as e:
+        raise ALError(f"ALPS rejects its options ({options}): {e}") from e
+
+
+def select_initial(alps, pool, args, seed, device) -> list[int]:
+    """The first labeled set chosen by ALPS (no classifier yet), under the seed the random draw would use."""
+    with autocast(args, device):
+        picked = alps.select(None, pool, args.initial_size, batch_size=args.eval_batch_size,
+                             seed=mix_seed(seed, "initial"))
+    if len(set(picked)) != args.initial_size:
+        raise RuntimeError(f"ALPS returned {len(set(picked))} distinct initial examples, not {args.initial_size}")
+    return sorted(int(i) for i in picked)
