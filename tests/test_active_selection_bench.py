@@ -32,22 +32,23 @@ def test_records_time_split_and_memory_per_strategy(tiny_bert, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "benchmarks.active_selection", "--model", str(tiny_bert), "--num-labels", "4",
                "--pool-size", "300", "--k", "25", "--seq-len", "8", "--batch-size", "64", "--device", "cpu",
-               "--strategies", "vapal", "badge", "--out", str(out)]
+               "--strategies", "vapal", "badge", "alps", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "active_selection.json").read_text())
     assert {"device", "torch", "commit", "date"} <= set(record["environment"])
     rows = {row["strategy"]: row for row in record["results"]}
-    assert set(rows) == {"vapal", "badge"}
+    assert set(rows) == {"vapal", "badge", "alps"}
     # VAPAL's default (outer) vectors vec(δ ⊗ h) and BADGE's gradient embeddings are both [n, C·H].
     assert rows["vapal"]["vectors_shape"] == [300, 4 * 32]
     assert rows["badge"]["vectors_shape"] == [300, 4 * 32]
+    assert rows["alps"]["vectors_shape"] == [300, 8]  # a surprisal per position
     for row in rows.values():
         assert row["pool_size"] == 300 and row["k"] == 25
         assert row["seconds"] >= row["clustering_seconds"] > 0
         assert row["peak_rss_mib"] >= row["rss_before_select_mib"] > 0
     table = (out / "active_selection.md").read_text()
-    assert table.count("| vapal |") == 1 and table.count("| badge |") == 1
+    assert table.count("| vapal |") == 1 and table.count("| badge |") == 1 and table.count("| alps |") == 1
 
 
 def test_a_failing_strategy_is_reported_and_fails_the_run(tiny_bert, tmp_path):

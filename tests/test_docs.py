@@ -115,6 +115,23 @@ def classifier_pool() -> dict:
             "labeled": list(range(0, 120, 10))}
 
 
+def mlm_pool() -> dict:
+    """A tiny random BertForMaskedLM as `mlm`, a `tokenizer` naming its special tokens ([PAD] 0, [CLS] 1,
+    [SEP] 2, [MASK] 3) and a tokenized `pool` of 60 texts written the way that tokenizer writes them."""
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    mlm = transformers.BertForMaskedLM(config).eval()
+    vocab = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", *(f"w{i}" for i in range(59))]
+    tokenizer = transformers.BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
+    generator = torch.Generator().manual_seed(SEED)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 59, (int(n),), generator=generator))
+             for n in torch.randint(4, 14, (60,), generator=generator)]
+    pool = tokenizer(texts, padding=True, return_tensors="pt")
+    return {"mlm": mlm, "tokenizer": tokenizer, "pool": dict(pool)}
+
+
 def causal_lm_prompts() -> dict:
     """A tiny random Llama as `model`, its `tokenizer`, and 80 `prompts`."""
     from tiny_models import tiny_causal_lm, tiny_tokenizer
@@ -123,7 +140,7 @@ def causal_lm_prompts() -> dict:
             "prompts": [f"Tell me about the number {i}." for i in range(80)]}
 
 
-FIXTURES = {fixture.__name__: fixture for fixture in (preference_data, classifier_pool, causal_lm_prompts)}
+FIXTURES = {fixture.__name__: fixture for fixture in (preference_data, classifier_pool, mlm_pool, causal_lm_prompts)}
 
 
 # -- the examples -----------------------------------------------------------------------------------------------
