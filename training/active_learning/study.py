@@ -2,23 +2,29 @@
 by ALPS) paired by seed, with the contrasts the verdict rests on.
 
     python -m training.active_learning.study al-study            # after `make al-study` (resumable)
+    python -m training.active_learning.study al-study --record benchmarks/results    # and keep a record
 
 STUDY/<dataset>/curves.json holds the strategies started from random first labels; STUDY/<dataset>-alps-start/
 the ones started from ALPS's (--initial alps). Both runs of a seed share everything else the seed decides (head
 initialisation, training order), so their round-0 accuracies differ only by the first labelled set: the
-cold-start comparison. Writes STUDY/summary.md (and prints it).
+cold-start comparison. Writes STUDY/summary.md (and prints it). --record copies what the study can be resumed
+and judged from (each run's curves.json, split.json, summary.md, curves.png and fitted MLM head) and the summary
+into RECORD/<date>_cpu_al-study/; copying that folder back as STUDY resumes the study where it stopped.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from training.paired import paired_differences
 
 COLD = "-alps-start"  # suffix of a dataset's --initial alps run
+RECORDED = ("curves.json", "split.json", "summary.md", "curves.png", "mlm-head/head.json", "mlm-head/head.pt")
 METRICS = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
 # (label, arm, baseline): the differences the verdict reads, each paired by seed on the label counts both reached
 CONTRASTS = (
@@ -111,6 +117,11 @@ def dataset_section(data: Dataset) -> str:
         seconds = sum(sum(e["seconds"] for e in entries) for entries in runs) / len(runs)
         lines.append(f"| {arm} | {len(runs)} | {auc['accuracy']:.4f} | {_cell(acc)} | {auc['macro_f1']:.4f} | "
                      f"{_cell(f1)} | {seconds:.0f} |")
+    lines += ["", "Seconds per run: wall time of its rounds as recorded. Arms recorded in different sessions ran on "
+              "different machines or thread counts; compare times within a session:"]
+    for folder, record in data.records.items():
+        lines += [f"- `{folder}`: " + "; ".join(f"{s.get('device')}, commit {s.get('commit')}, {s.get('date')}"
+                                                for s in record.get("sessions", []))]
     lines += ["", "Contrasts (paired by seed, 95% t interval; AUC unless it says first round):", "",
               "| contrast | accuracy | verdict | macro-F1 | verdict |", "|---|---|---|---|---|"]
     rows = [(label, arm, base, False) for label, arm, base in CONTRASTS]
@@ -152,11 +163,26 @@ def write_summary(study: Path, names: list[str]) -> str:
     return text
 
 
+def record(study: Path, names: list[str], into: Path) -> Path:
+    """Copy the study's portable part (no model weights but the small fitted MLM heads) into a dated folder."""
+    target = into / f"{time.strftime('%Y-%m-%d')}_cpu_al-study"
+    for name in names:
+        for folder in (name, name + COLD):
+            for relative in RECORDED:
+                source = study / folder / relative
+                if source.exists():
+                    (target / folder / relative).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(source, target / folder / relative)
+    shutil.copy2(study / "summary.md", target / "summary.md")
+    return target
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.active_learning.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", type=Path, help="the study folder (`make al-study` writes al-study)")
     parser.add_argument("--datasets", nargs="+", help="dataset folders to report (default: every one found)")
+    parser.add_argument("--record", type=Path, help="also copy the study's portable part under this folder")
     args = parser.parse_args(argv)
     names = args.datasets or datasets_in(args.study)
     if not names:
@@ -164,6 +190,8 @@ def main(argv=None) -> int:
         return 2
     try:
         print(write_summary(args.study, names))
+        if args.record:
+            print(f"recorded in {record(args.study, names, args.record)}", file=sys.stderr)
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
