@@ -98,6 +98,10 @@ def test_mlm_model_with_its_own_head(tiny_model, tiny_csv, tmp_path, capsys):
     assert state["mlm"] == {"source": f"--mlm-model {path}"}
     assert state["config"]["mlm_model"] == str(path) and state["config"]["mlm_steps"] is None
     assert not (tmp_path / "out" / "mlm-head").exists()
+    # as --model, a checkpoint with its MLM head serves ALPS as it is (nothing fitted)
+    state = run(path, tiny_csv, tmp_path / "own", ["alps"])
+    assert state["mlm"] == {"source": f"the MLM head of --model {path}"}
+    assert not (tmp_path / "own" / "mlm-head").exists()
     # a classifier checkpoint has no MLM head: refused, not silently given a random one
     assert al.main(_argv(tiny_model, tiny_csv, tmp_path / "bad", ["alps"], rounds=1, mlm_model=tiny_model)) == 2
     assert "lacks weights of its MLM head" in capsys.readouterr().err

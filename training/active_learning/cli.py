@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "for every strategy of a seed: at random (default) or by ALPS (a cold start from the masked LM; "
                    "it takes the alps strategy's --strategy-option keywords when alps is among --strategies)")
     a.add_argument("--mlm-model", help="ALPS's masked language model: a local AutoModelForMaskedLM directory (or, "
-                   "with --online, a hub name) whose tokenizer may differ from --model's. Default: the encoder of "
-                   "--model with an MLM head fitted on the unlabeled pool (cached in OUT/mlm-head)")
+                   "with --online, a hub name) whose tokenizer may differ from --model's. Default: --model's own MLM "
+                   "head when its checkpoint has one, else its encoder with an MLM head fitted on the unlabeled pool "
+                   "(cached in OUT/mlm-head)")
     a.add_argument("--mlm-steps", type=int, help="steps of fitting that default MLM head (default 300)")
     a.add_argument("--query-size", type=int, help="examples labeled per query round (100)")
     a.add_argument("--rounds", type=int, help="query rounds; the curve has rounds + 1 points (default 5)")

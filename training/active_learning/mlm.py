@@ -159,8 +159,9 @@ def fit_head(mlm, tokenizer, texts, args, device) -> dict:
 
 
 def load_mlm(args, pool_texts, out: Path, device):
-    """(mlm, tokenizer, quality): ALPS's masked LM per --mlm-model, or the encoder of --model with a fitted head
-    (fitted once, then loaded from OUT/mlm-head when the encoder, the pool and the settings are the same)."""
+    """(mlm, tokenizer, quality): ALPS's masked LM per --mlm-model, else --model's own MLM head when its checkpoint
+    has one, else the encoder of --model with a fitted head (fitted once, then loaded from OUT/mlm-head when the
+    encoder, the pool and the settings are the same)."""
     import torch
 
     if args.mlm_model is not None:
@@ -178,6 +179,8 @@ def load_mlm(args, pool_texts, out: Path, device):
     if stray:
         raise ALError(f"--model {args.model!r} as a masked LM lacks weights outside its MLM head ({stray[:4]}): its "
                       "encoder cannot serve ALPS; give --mlm-model")
+    if not missing:  # a checkpoint with its own trained MLM head (a BERT, say): used as it is
+        return mlm.to(device).eval(), tokenizer, {"source": f"the MLM head of --model {args.model}"}
     folder = Path(path)
     key = hashlib.sha256(json.dumps({
         "encoder": _file_digest(folder) if folder.is_dir() else path, "pool": hashlib.sha256(
