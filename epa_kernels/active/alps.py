@@ -40,16 +40,32 @@ def surprisal_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, r
     numbers come from a generator seeded by (seed, row), in position order over the row's real tokens, so the
     draw does not depend on the batch or on its padding.
     """
-    real = attention_mask.bool() & ~torch.isin(input_ids, torch.as_tensor(sorted(special_token_ids),
-                                                                          dtype=input_ids.dtype))
+    if special_token_ids is None:
+        raise ValueError("special_token_ids must be a collection of token ids (e.g. tokenizer.all_special_ids)")
+    _check_fraction(fraction)
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must "
+                         "be the same [b, T]")
+    if len(rows) != input_ids.shape[0]:
+        raise ValueError(f"rows has {len(rows)} entries for a batch of {input_ids.shape[0]} rows")
+    special = torch.as_tensor(sorted(int(i) for i in special_token_ids), dtype=input_ids.dtype,
+                              device=input_ids.device)
+    real = attention_mask.bool() & ~torch.isin(input_ids, special)
     chosen = torch.zeros_like(real)
-    for i, row in enumerate(np.asarray(rows, dtype=np.int64).tolist()):
+    for i, row in enumerate(rows.tolist()):
         state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, row]).generate_state(2)
         gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
         tokens = attention_mask[i].bool().nonzero().flatten()
         draws = torch.rand(len(tokens), generator=gen) < fraction
         chosen[i, tokens[draws.to(tokens.device)]] = True
     return chosen & real
+
+
+def _check_fraction(fraction) -> None:
+    check_finite("fraction", fraction, low=0.0, high=1.0)
+    if fraction == 0.0:
+        raise ValueError("fraction must be > 0: no position would be scored")
 
 
 def _split_mlm(mlm: nn.Module):
@@ -64,21 +80,31 @@ def _split_mlm(mlm: nn.Module):
 
 
 def _logits_at(mlm: nn.Module, batch: dict, chosen: torch.Tensor) -> torch.Tensor:
-    """MLM logits [n_chosen, V] at the chosen positions of the batch."""
+    """MLM logits [n_chosen, V] at the chosen positions of the batch, fp32. A caller's autocast speeds up the
+    encoder; the vocabulary projection runs in fp32 (bf16 logits near 16 are 0.125 apart: coarse surprisals)."""
     split = _split_mlm(mlm)
     if split is None:
         keys = _accepted_keys(mlm)
-        return mlm(**{k: v for k, v in batch.items() if k in keys}).logits[chosen]
+        return _full_logits(mlm, {k: v for k, v in batch.items() if k in keys}, chosen)
     base, head = split
     keys = _accepted_keys(base)
-    hidden = base(**{k: v for k, v in batch.items() if k in keys})[0]
-    return head(hidden[chosen])
+    hidden = base(**{k: v for k, v in batch.items() if k in keys})[0][chosen]
+    return _head_logits(head, hidden)
 
 
 @autocast_off
+def _head_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return head(hidden.float()).float()
+
+
+@autocast_off
+def _full_logits(mlm: nn.Module, inputs: dict, chosen: torch.Tensor) -> torch.Tensor:
+    return mlm(**inputs).logits[chosen].float()
+
+
 def _token_surprisal(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """−log softmax(logits)[target] per row, fp32 (a caller's bf16 autocast stays on the encoder)."""
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    """−log softmax(logits)[target] per row (logits fp32)."""
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
 
 
 def _pool_width(pool) -> int:
@@ -99,10 +125,11 @@ def surprisal_embeddings(mlm: nn.Module, pool, indices=None, *, special_token_id
     """
     if not isinstance(mlm, nn.Module):
         raise TypeError(f"mlm must be a torch.nn.Module (a masked language model), got {type(mlm).__name__}")
-    check_finite("fraction", fraction, low=0.0, high=1.0)
-    if fraction == 0.0:
-        raise ValueError("fraction must be > 0: no position would be scored")
+    _check_fraction(fraction)
     check_positive_int("batch_size", batch_size)
+    if mask_token_id is not None and (isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int)
+                                      or mask_token_id < 0):
+        raise ValueError(f"mask_token_id must be a token id (an int >= 0) or None, got {mask_token_id!r}")
     n = pool_size(pool)
     indices = np.arange(n, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
     if indices.size and (indices.min() < 0 or indices.max() >= n):
@@ -144,6 +171,7 @@ class ALPS(Strategy):
     passed to `select` is not used (None is fine). tokenizer: names the special tokens (never scored) and the
     mask token; without it they come from `special_token_ids` or, failing that, the mlm's config.
     mask: score masked inputs instead of the unmasked ones (ALPS's code uses unmasked input).
+    The pool's embeddings are cached (keyed by its tokens): after changing the mlm's weights, make a new ALPS.
     """
 
     name = "alps"
@@ -156,9 +184,7 @@ class ALPS(Strategy):
                              "whose tokenizer made the pool")
         if not isinstance(mlm, nn.Module):
             raise TypeError(f"mlm must be a torch.nn.Module (a masked language model), got {type(mlm).__name__}")
-        check_finite("fraction", fraction, low=0.0, high=1.0)
-        if fraction == 0.0:
-            raise ValueError("fraction must be > 0: no position would be scored")
+        _check_fraction(fraction)
         self.mlm, self.fraction, self.mask, self.embedding_seed = mlm, float(fraction), bool(mask), int(embedding_seed)
         self.special_token_ids = (sorted(int(i) for i in special_token_ids) if special_token_ids is not None
                                   else special_ids_of(mlm, tokenizer))

@@ -87,12 +87,13 @@ def run(args) -> dict:
     bar = tqdm(total=total_units, desc="active learning", unit="round", dynamic_ncols=True)
     for seed in args.seeds:
         alps = build_alps(args, mlm, mlm_tokenizer, seed) if mlm is not None else None
-        initial_seconds = 0.0
-        if args.initial == "alps":
+        # a resumed seed keeps the first labels it recorded: ALPS's choice could differ on another machine
+        initial, initial_seconds = recorded_initial(state, seed)
+        if initial is None and args.initial == "alps":
             t = time.perf_counter()
             initial = select_initial(alps, alps_pool, args, seed, device)
             initial_seconds = time.perf_counter() - t
-        else:
+        elif initial is None:
             initial = sorted(np.random.RandomState(mix_seed(seed, "initial")).choice(
                 n_pool, args.initial_size, replace=False).tolist())
         base = None  # loaded when a round of this seed has to be trained
@@ -165,6 +166,18 @@ def run(args) -> dict:
         write_reports(state, out)  # after every seed: the plot and table of what is recorded so far
     bar.close()
     return state
+
+
+def recorded_initial(state: dict, seed: int) -> tuple[list[int] | None, float]:
+    """The first labels (and the seconds it took to choose them) already recorded for `seed`, or (None, 0)."""
+    firsts = [runs[str(seed)][0] for runs in state["curves"].values() if runs.get(str(seed))]
+    sets = {tuple(entry["labeled_indices"]) for entry in firsts}
+    if len(sets) > 1:
+        raise ALError(f"curves.json: the strategies of seed {seed} start from {len(sets)} different first labeled "
+                      "sets; the record is inconsistent (use another --out or --no-resume)")
+    if not sets:
+        return None, 0.0
+    return list(sets.pop()), max(entry.get("initial_seconds", 0.0) for entry in firsts)
 
 
 def main(argv=None) -> int:

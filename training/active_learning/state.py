@@ -20,7 +20,8 @@ FINGERPRINT_KEYS = (
 )
 # Keys added after records were written: an older record holds their value at the time (the default).
 LEGACY = {"initial": "random", "mlm_model": None, "mlm_steps": None}
-# The masked LM changes only what ALPS does: a record made without ALPS takes any, one made with ALPS only its own.
+# The masked LM changes only what ALPS does: a record made without ALPS takes any, one made with ALPS only its own
+# (or a resume that runs no ALPS).
 ALPS_KEYS = ("mlm_model", "mlm_steps")
 FITTED_HEAD = "fitted-head"  # the fingerprint's name for the default masked LM (training/active_learning/mlm.py)
 
@@ -66,13 +67,15 @@ def load_state(path: Path, args, label_names) -> dict:
     if state.get("version") != FORMAT_VERSION:
         raise ALError(f"{path}: format version {state.get('version')} != {FORMAT_VERSION}; use --no-resume")
     old, new = {**LEGACY, **state.get("config", {})}, fingerprint(args)
+    alps_now = uses_alps(args)
     diff = [f"{k}: recorded {old[k]!r}, now {new[k]!r}" for k in FINGERPRINT_KEYS
-            if old[k] != new[k] and not (k in ALPS_KEYS and old[k] is None)]
+            if old[k] != new[k] and not (k in ALPS_KEYS and (old[k] is None or not alps_now))]
     if diff:
         raise ALError(f"{path} holds results of a different configuration ({'; '.join(diff)}); "
                       "use another --out or --no-resume to discard them")
     state["label_names"] = label_names
-    state["config"] = new  # the same numbers; a record resumed with ALPS added now names its masked LM
+    # the same numbers; a record resumed with ALPS added now names its masked LM, one resumed without ALPS keeps it
+    state["config"] = new if alps_now else {**new, **{k: old[k] for k in ALPS_KEYS}}
     state["sessions"] = sessions(state)
     state.pop("environment", None)
     return state

@@ -34,18 +34,13 @@ def check_strategies(names):
 def build_strategies(args) -> dict:
     """The strategies with their --strategy-option keywords, built (and so validated) before any data is read.
     ALPS is built per seed once its masked LM is loaded (`build_alps`); its keywords are checked here."""
-    import inspect
-
     check_strategies(args.strategies)
     available, make_strategy = strategy_library()
     options = parse_strategy_options(args.strategy_option, args.strategies)
     strategies = {}
     for name in args.strategies:
         if name == "alps":
-            try:
-                inspect.signature(available[name]).bind_partial(**options[name])
-            except TypeError as e:
-                raise ALError(f"--strategy-option: strategy 'alps' rejects its options: {e}") from e
+            check_alps_options(available[name], options[name])
             continue
         try:
             strategies[name] = make_strategy(name, **quiet(available[name], options[name]))
@@ -75,6 +70,19 @@ def select(strategy, name, model, pool, k, labeled, args, seed, rnd, n) -> list[
     return picked
 
 
+
+
+def check_alps_options(cls, options: dict) -> None:
+    """ALPS's keywords and values, checked on a stand-in masked LM (the real one is loaded after the data)."""
+    import types
+
+    import torch
+
+    stand_in = types.SimpleNamespace(all_special_ids=[0], mask_token_id=0)  # a tokenizer with a mask token
+    try:
+        cls(mlm=torch.nn.Identity(), **{"tokenizer": stand_in, **quiet(cls, options)})
+    except (TypeError, ValueError) as e:
+        raise ALError(f"--strategy-option: strategy 'alps' rejects its options: {e}") from e
 
 
 def build_alps(args, mlm, tokenizer, seed: int):

@@ -9,7 +9,7 @@ the ones started from ALPS's (--initial alps). Both runs of a seed share everyth
 initialisation, training order), so their round-0 accuracies differ only by the first labelled set: the
 cold-start comparison. Writes STUDY/summary.md (and prints it). --record copies what the study can be resumed
 and judged from (each run's curves.json, split.json, summary.md, curves.png and fitted MLM head) and the summary
-into RECORD/<date>_cpu_al-study/; copying that folder back as STUDY resumes the study where it stopped.
+into RECORD/<date>_al-study/; copying that folder back as STUDY resumes the study where it stopped.
 """
 from __future__ import annotations
 
@@ -44,7 +44,12 @@ class Dataset:
     records: dict  # run folder name -> its curves.json
 
 
+# What the two runs of a dataset may differ in: how the first labels are chosen and the masked LM that does it.
+MAY_DIFFER = ("initial", "mlm_model", "mlm_steps")
+
+
 def load_dataset(study: Path, name: str) -> Dataset:
+    """Both runs of a dataset, checked to be the same setting but for the first labels."""
     arms, records = {}, {}
     for folder, suffix in ((name, ""), (name + COLD, " (ALPS start)")):
         path = study / folder / "curves.json"
@@ -59,6 +64,12 @@ def load_dataset(study: Path, name: str) -> Dataset:
             arms[arm + suffix] = {seed: entries for seed, entries in runs.items() if entries}
     if not records:
         raise ValueError(f"{study / name}: no curves.json (run `make al-study` first)")
+    if len(records) == 2:
+        main, cold = (records[folder]["config"] for folder in (name, name + COLD))
+        differ = sorted(k for k in set(main) | set(cold) if k not in MAY_DIFFER and main.get(k) != cold.get(k))
+        if differ:
+            raise ValueError(f"{study / name} and {study / (name + COLD)} are not runs of one setting: they differ in "
+                             f"{', '.join(differ)}; seeds cannot be paired across them")
     return Dataset(name, arms, records)
 
 
@@ -165,7 +176,7 @@ def write_summary(study: Path, names: list[str]) -> str:
 
 def record(study: Path, names: list[str], into: Path) -> Path:
     """Copy the study's portable part (no model weights but the small fitted MLM heads) into a dated folder."""
-    target = into / f"{time.strftime('%Y-%m-%d')}_cpu_al-study"
+    target = into / f"{time.strftime('%Y-%m-%d')}_al-study"
     for name in names:
         for folder in (name, name + COLD):
             for relative in RECORDED:
