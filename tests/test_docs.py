@@ -117,7 +117,8 @@ def classifier_pool() -> dict:
 
 def mlm_pool() -> dict:
     """A tiny random BertForMaskedLM as `mlm`, a `tokenizer` naming its special tokens ([PAD] 0, [CLS] 1,
-    [SEP] 2, [MASK] 3) and a tokenized `pool` of 60 texts written the way that tokenizer writes them."""
+    [SEP] 2, [MASK] 3) and a tokenized `pool` of 160 texts written the way that tokenizer writes them (ids < 64,
+    so `classifier_pool`'s model reads it too)."""
     import transformers
 
     config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -127,7 +128,7 @@ def mlm_pool() -> dict:
     tokenizer = transformers.BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
     generator = torch.Generator().manual_seed(SEED)
     texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 59, (int(n),), generator=generator))
-             for n in torch.randint(4, 14, (60,), generator=generator)]
+             for n in torch.randint(4, 14, (160,), generator=generator)]
     pool = tokenizer(texts, padding=True, return_tensors="pt")
     return {"mlm": mlm, "tokenizer": tokenizer, "pool": dict(pool)}
 
