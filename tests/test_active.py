@@ -468,6 +468,13 @@ def test_minilm_vapal_and_badge():
     for name in ("vapal", "badge", "entropy", "bertkm"):
         picked = make_strategy(name, progress=False).select(model, pool, 20, labeled=range(10))
         assert len(set(picked)) == 20 and min(picked) >= 10
+    # ALPS on the same encoder read as a masked LM (MiniLM ships no MLM head: an untrained one, as for its cost)
+    path = str(gt.get_model_path())
+    mlm = transformers.AutoModelForMaskedLM.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    picked = make_strategy("alps", mlm=mlm, tokenizer=tokenizer, progress=False).select(None, pool, 20,
+                                                                                        labeled=range(10))
+    assert len(set(picked)) == 20 and min(picked) >= 10
 
 
 def smollm2():
