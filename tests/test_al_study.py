@@ -38,6 +38,21 @@ def test_first_round_contrast_is_the_round0_difference_by_seed(study_dir):
     assert arms["vapal (ALPS start)"]["0"][0]["labeled_indices"] != arms["vapal"]["0"][0]["labeled_indices"]
 
 
+def test_only_finished_runs_count(study_dir, tmp_path):
+    import shutil
+
+    for folder in ("toy", f"toy{study.COLD}"):
+        shutil.copytree(study_dir / folder, tmp_path / folder)
+    path = tmp_path / "toy" / "curves.json"
+    record = json.loads(path.read_text())
+    del record["curves"]["vapal"]["2"][1:]  # interrupted after round 0 (which recorded its query)
+    path.write_text(json.dumps(record))
+    data = study.load_dataset(tmp_path, "toy")
+    assert set(data.arms["vapal"]) == {"0", "1"} and data.unfinished == {"vapal": ["2"]}
+    assert "Not counted yet (runs still short of their last round): vapal seed 2." in study.dataset_section(data)
+    assert study.difference(data.arms, "vapal", "random", "accuracy").seeds == 2
+
+
 def test_summary_headline_and_record(study_dir, tmp_path, capsys):
     assert study.main([str(study_dir), "--record", str(tmp_path)]) == 0
     summary = (study_dir / "summary.md").read_text()

@@ -40,8 +40,14 @@ CONTRASTS = (
 @dataclass
 class Dataset:
     name: str
-    arms: dict  # arm -> seed -> rounds (the curves of both runs, the ALPS-start ones renamed)
+    arms: dict  # arm -> seed -> rounds of its finished runs (both runs' arms, the ALPS-start ones renamed)
     records: dict  # run folder name -> its curves.json
+    unfinished: dict  # arm -> seeds whose run has not reached its last round (left out until it does)
+
+
+def finished(entries: list) -> bool:
+    """A run that reached its last round: only the final round records no query."""
+    return bool(entries) and entries[-1].get("queried") is None
 
 
 # What the two runs of a dataset may differ in: how the first labels are chosen and the masked LM that does it.
@@ -50,7 +56,7 @@ MAY_DIFFER = ("initial", "mlm_model", "mlm_steps")
 
 def load_dataset(study: Path, name: str) -> Dataset:
     """Both runs of a dataset, checked to be the same setting but for the first labels."""
-    arms, records = {}, {}
+    arms, records, unfinished = {}, {}, {}
     for folder, suffix in ((name, ""), (name + COLD, " (ALPS start)")):
         path = study / folder / "curves.json"
         if not path.exists():
@@ -61,7 +67,11 @@ def load_dataset(study: Path, name: str) -> Dataset:
                              f"{record['config'].get('initial', 'random')!r}")
         records[folder] = record
         for arm, runs in record["curves"].items():
-            arms[arm + suffix] = {seed: entries for seed, entries in runs.items() if entries}
+            done = {seed: entries for seed, entries in runs.items() if finished(entries)}
+            if done:
+                arms[arm + suffix] = done
+            if len(done) < len([e for e in runs.values() if e]):
+                unfinished[arm + suffix] = sorted(seed for seed, e in runs.items() if e and not finished(e))
     if not records:
         raise ValueError(f"{study / name}: no curves.json (run `make al-study` first)")
     if len(records) == 2:
@@ -70,7 +80,7 @@ def load_dataset(study: Path, name: str) -> Dataset:
         if differ:
             raise ValueError(f"{study / name} and {study / (name + COLD)} are not runs of one setting: they differ in "
                              f"{', '.join(differ)}; seeds cannot be paired across them")
-    return Dataset(name, arms, records)
+    return Dataset(name, arms, records, unfinished)
 
 
 def datasets_in(study: Path) -> list[str]:
@@ -128,6 +138,9 @@ def dataset_section(data: Dataset) -> str:
         seconds = sum(sum(e["seconds"] for e in entries) for entries in runs) / len(runs)
         lines.append(f"| {arm} | {len(runs)} | {auc['accuracy']:.4f} | {_cell(acc)} | {auc['macro_f1']:.4f} | "
                      f"{_cell(f1)} | {seconds:.0f} |")
+    if data.unfinished:
+        lines += ["", "Not counted yet (runs still short of their last round): " + "; ".join(
+            f"{arm} seed {', '.join(seeds)}" for arm, seeds in data.unfinished.items()) + "."]
     lines += ["", "Seconds per run: wall time of its rounds as recorded. Arms recorded in different sessions ran on "
               "different machines or thread counts; compare times within a session:"]
     for folder, record in data.records.items():
