@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from epa_kernels.active.alps import _split_mlm
 from training.active_learning.cli import ALError
 from training.active_learning.model import mix_seed, resolve_model_path
 
@@ -43,8 +44,6 @@ def _load(path: str):
 def head_parameters(mlm) -> dict:
     """The MLM head's own parameters by name: the position-wise head (`cls` / `lm_head`) less the decoder weight
     tied to the input embeddings (the encoder's, kept frozen)."""
-    from epa_kernels.active.alps import _split_mlm
-
     split = _split_mlm(mlm)
     if split is None:
         raise ALError(f"cannot find the MLM head of {type(mlm).__name__} (no `cls` or `lm_head` module) to fit")
@@ -87,8 +86,6 @@ def masked_lm_loss(mlm, batches, device) -> float:
     """Mean cross-entropy (nats) over the masked tokens of `batches` (the head applied at those tokens only)."""
     import torch
 
-    from epa_kernels.active.alps import _split_mlm
-
     base, head = _split_mlm(mlm)
     total, count = 0.0, 0
     with torch.inference_mode():
@@ -128,8 +125,6 @@ def fit_head(mlm, tokenizer, texts, args, device) -> dict:
     opt = torch.optim.AdamW(list(trainable.values()), lr=FIT_LR, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * args.mlm_steps + 1)))
     t0, step, epoch = time.perf_counter(), 0, 0
-    from epa_kernels.active.alps import _split_mlm
-
     base, head = _split_mlm(mlm)
     while step < args.mlm_steps:
         shuffled = [train[i] for i in np.random.RandomState(mix_seed("mlm-order", epoch)).permutation(len(train))]
