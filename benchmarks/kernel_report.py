@@ -62,6 +62,11 @@ class Variant:
     def arguments(self) -> tuple[dict, dict]:
         return _arguments(self)
 
+    def divisible_ints(self) -> set:
+        """Integer arguments the JIT sees divisible by 16 at the hot shapes (M = 8192 or 64, V = 128256, D = 4096;
+        v_per_split is a multiple of BLOCK_V); the ragged-D variant has D % 16 != 0."""
+        return {"M", "V", "v_per_split"} | ({"D"} if self.flags.get("even_d", True) else set())
+
 
 @dataclass(frozen=True)
 class PeerVariant:
@@ -73,6 +78,7 @@ class PeerVariant:
     types: dict  # runtime argument types; None: a None argument (constexpr)
     constants: dict  # constexpr values, including integer arguments the JIT specialises (== 1)
     config: kernels._Config
+    divisible: frozenset = frozenset()  # integer arguments divisible by 16 at the hot shape
 
     def jit(self):
         import importlib
@@ -81,6 +87,9 @@ class PeerVariant:
 
     def arguments(self) -> tuple[dict, dict]:
         return self.types, self.constants
+
+    def divisible_ints(self) -> set:
+        return set(self.divisible)
 
 
 ALL_ON = {"bias": True, "softcap": True, "entropy": True, "filter": True, "even_d": False}
@@ -118,6 +127,7 @@ def cce_variants() -> list[PeerVariant]:
     if importlib.util.find_spec("cut_cross_entropy") is None:
         return []
     i32 = "i32"
+    hot = frozenset({"B", "V", "D", "stride_eb", "stride_cv"})  # at B = 8192, V = 128256, D = 4096
     forward = PeerVariant(
         "CCE forward bf16 (peer)", "cut_cross_entropy.cce_lse_forward", "_cce_lse_forward_kernel",
         types={"E": "*bf16", "C": "*bf16", "LSE": "*fp32", "LA": None, "Locks": "*u32", "Valids": None,
@@ -126,7 +136,7 @@ def cce_variants() -> list[PeerVariant]:
         constants={"stride_ed": 1, "stride_cd": 1, "stride_lse_b": 1, "stride_vb": 1, "HAS_VALIDS": False,
                    "BLOCK_B": 256, "BLOCK_V": 128, "BLOCK_D": 32, "GROUP_B": 8, "EVEN_D": True,
                    "HAS_SOFTCAP": False, "HAS_LA": False, "DOT_PRECISION": "ieee"},
-        config=kernels._Config(block_m=256, block_v=128, block_d=32, num_warps=8, num_stages=3))
+        config=kernels._Config(block_m=256, block_v=128, block_d=32, num_warps=8, num_stages=3), divisible=hot)
     backward = PeerVariant(
         "CCE backward bf16 (peer)", "cut_cross_entropy.cce_backward", "_cce_backward_kernel",
         types={"E": "*bf16", "C": "*bf16", "LSE": "*fp32", "dOut": "*fp32", "grad_scale": "fp32", "Valids": None,
@@ -138,7 +148,7 @@ def cce_variants() -> list[PeerVariant]:
                    "MM_BACK_BLOCK_D": 64, "GROUP_B": 8, "EVEN_D": True, "MM_BACK_EVEN_D": True, "ITEM_DO": True,
                    "HAS_VALIDS": False, "HAS_VOCAB_ORDERING": False, "FILTER_GRAD": True, "HAS_TARGETS": True,
                    "HAS_SOFTCAP": False, "SHIFT": False, "REQUIRES_GRAD": True},
-        config=kernels._Config(block_m=128, block_v=128, block_d=32, num_warps=4, num_stages=4))
+        config=kernels._Config(block_m=128, block_v=128, block_d=32, num_warps=4, num_stages=4), divisible=hot)
     return [forward, backward]
 
 
@@ -188,6 +198,7 @@ def compile_variant(variant: Variant, capability: int):
 
     jit = variant.jit()
     types, constants = variant.arguments()
+    divisible = variant.divisible_ints()
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(jit.arg_names):
         if name in constants or types.get(name) is None:
@@ -195,7 +206,11 @@ def compile_variant(variant: Variant, capability: int):
             constexprs[(index,)] = constants.get(name)
         else:
             signature[name] = types[name]
-            if types[name].startswith("*"):  # torch allocations are 16-byte aligned, as the JIT specialises
+            # The JIT specialises what it sees divisible by 16: torch allocations (16-byte aligned) and the sizes
+            # at the hot shapes. Without these hints loads are not vectorised nor the loops pipelined, and the
+            # report differs from the kernel a GPU runs (one stage of shared memory, other registers and spills:
+            # checked against the kernels Triton 3.6 compiled on an H200).
+            if types[name].startswith("*") or name in divisible:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
     cfg = variant.config

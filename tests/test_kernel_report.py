@@ -55,3 +55,15 @@ def test_every_shipped_config_compiles_and_fits_every_target(tmp_path):
     rows = run_report(tmp_path)
     assert len(rows) == (len(shipped_variants()) + len(cce_variants())) * len(TARGETS)
     check(rows)
+
+
+def test_the_report_compiles_the_pipelined_kernel_a_gpu_runs(tmp_path):
+    """With the JIT's divisibility hints on the sizes (M, V, D), the hot path's D loop is pipelined as on a GPU: at
+    least num_stages − 1 stages of both operand tiles in shared memory. Without them (the report before 2026-12-04)
+    the loads were not vectorised and one stage was left, unlike the kernels the H200 compiled."""
+    from epa_kernels.ops import triton_logprobs as kernels
+
+    rows = run_report(tmp_path, "--targets", "sm_90a", "--variants", "forward bf16", "backward bf16", "--exact")
+    for row, cfg in zip(rows, (kernels._FORWARD_CONFIG, kernels._BACKWARD_CONFIG), strict=True):
+        stage = (cfg.block_m + cfg.block_v) * cfg.block_d * 2  # bf16 hidden and weight tiles
+        assert row["shared_bytes"] >= (cfg.num_stages - 1) * stage, row
