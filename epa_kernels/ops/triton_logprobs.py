@@ -263,15 +263,17 @@ class _Config:
 
 # The interpreter is slow and runs any config: use small tiles so tests cover many tiles and edges.
 _INTERPRET_CONFIG = _Config(block_m=16, block_v=32, block_d=16, num_warps=1, num_stages=1)
-# GPU configs, chosen with `python -m benchmarks.kernel_report` (registers and spills from ptxas, no GPU
-# needed) so that the bf16/fp16 hot paths spill nothing on sm_90a while keeping 128-wide tensor-core
-# (wgmma) tiles. The limit is the fp32 logits tile [BLOCK_M, BLOCK_V] held beside its exponentials (forward)
-# or beside dz and the [*, BLOCK_D] partial products (backward): with 64-wide D steps a 128 × 128 tile
-# spilled 456 B (forward) and 528 B (backward); 32-wide steps spill none, at twice the loop trips (the
-# entropy epilogue included, so the forward needs no separate config for it). Few
-# tokens get 64-row tiles so less tensor-core work is wasted on padding (that regime streams the weight).
+# GPU configs, timed on an H200 (`python -m benchmarks.tile_sweep`, N = 8192, D = 4096, V = 128256, Triton 3.6;
+# tables in benchmarks/results/2026-12-04_h200_kernels) and compiled for every target with `python -m
+# benchmarks.kernel_report` (registers and spills from ptxas, no GPU needed; it reproduces the registers and spills
+# of all 20 kernels the H200 compiled under the same Triton). Many-token forward: 128×128×64 w8 s3 took 20.3 ms
+# against 29.8 for the earlier 128×128×32 w8 s3 (1.47×) and spills nothing on sm_90a under Triton 3.6 and 3.9; the
+# fastest, 128×256×32 w8 s3 (18.7 ms), spills under Triton 3.9 (32 B, 400 B with entropy). Many-token backward: the
+# faster ones either spill under Triton 3.9 (128×128×32 w4 s3, 1.11×: 232 B) or need 160 KiB of shared memory,
+# more than sm_86/sm_89 have per block (128×128×64 w8 s3, 1.12×), so it stays at 128×128×32 w8 s3. Few tokens
+# (not yet timed) get 64-row tiles so less tensor-core work is wasted on padding (that regime streams the weight).
 # Every config fits the per-block shared memory of sm_80, sm_86, sm_89 and sm_90 (tests/test_kernel_report.py).
-_FORWARD_CONFIG = _Config(block_m=128, block_v=128, block_d=32, num_warps=8, num_stages=3)
+_FORWARD_CONFIG = _Config(block_m=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
 _FORWARD_CONFIG_FEW_TOKENS = _Config(block_m=64, block_v=256, block_d=32, num_warps=8, num_stages=3)
 _BACKWARD_CONFIG = _Config(block_m=128, block_v=128, block_d=32, num_warps=8, num_stages=3)
 _BACKWARD_CONFIG_FEW_TOKENS = _Config(block_m=64, block_v=128, block_d=32, num_warps=8, num_stages=3)
