@@ -7,7 +7,8 @@
 loading, which moves the model to the meta device and re-ties its weights) runs one optimizer update; so does the
 plain program. The check: the same logged loss, the same saved weights (up to fp32 reduction order), and tied
 input/output embeddings still tied in the saved model. accelerate's FSDP plugin needs CUDA, so `--dry-run` runs the
-second step unsharded too: it checks the plumbing, not FSDP. Writes fsdp_check.json and fsdp_check.md to --out.
+second step unsharded too: it checks the plumbing, not FSDP. Writes fsdp_check.json, fsdp_check.md and the two runs'
+logs to --out; the two saved models (SmolLM2-135M: 540 MB each) go to a temporary directory, removed at the end.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from epa_kernels.provenance import environment
@@ -45,7 +47,7 @@ def write_data(path: Path) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def train(command: list[str], out: Path, log: Path) -> None:
+def train(command: list[str], log: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("w") as handle:
         done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, check=False)
@@ -82,12 +84,14 @@ def main(argv=None) -> int:
     program = ["-m", "training.epa", "--model", args.model, "--data", str(out / "data.jsonl"), "--max-steps", "1",
                "--num-weak", "2", "--lr", "1e-4", "--max-tokens-per-batch", "4096", "--save-minutes", "0",
                "--backend", "torch" if args.dry_run else "auto", "--no-progress"]
-    train([sys.executable, *program, "--output-dir", str(out / "unsharded")], out / "unsharded", out / "unsharded.log")
-    launcher = ([sys.executable] if args.dry_run else
-                [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(out / "fsdp2.yaml")])
-    train([*launcher, *program, "--output-dir", str(out / "fsdp2")], out / "fsdp2", out / "fsdp2.log")
-    result = {"environment": environment("cpu" if args.dry_run else "cuda"), "dry_run": args.dry_run,
-              **compare(out / "unsharded", out / "fsdp2")}
+    with tempfile.TemporaryDirectory() as folder:
+        runs = Path(folder)
+        train([sys.executable, *program, "--output-dir", str(runs / "unsharded")], out / "unsharded.log")
+        launcher = ([sys.executable] if args.dry_run else
+                    [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(out / "fsdp2.yaml")])
+        train([*launcher, *program, "--output-dir", str(runs / "fsdp2")], out / "fsdp2.log")
+        result = {"environment": environment("cpu" if args.dry_run else "cuda"), "dry_run": args.dry_run,
+                  **compare(runs / "unsharded", runs / "fsdp2")}
     result["ok"] = bool(result["loss_relative_difference"] < 1e-5 and result["weights_max_relative_difference"] < 1e-4
                         and result["tied_fsdp2"] == result["tied_unsharded"])
     (out / "fsdp_check.json").write_text(json.dumps(result, indent=1))

@@ -89,7 +89,7 @@ PRESETS = {
     # this preset about 90 s.
     "gpu-peers": {
         "dtype": "bfloat16", "repeats": 5, "warmup": 1,
-        "impls": ["reference", "reference-compile", "triton", "liger", "cce", "trl"],
+        "impls": ["reference", "reference-compile", "triton", "torch", "liger", "cce", "trl"],
         "grids": [
             {"cases": ["logprobs"], "tokens": [8192, 32768], "hidden": [4096], "vocab": [128256]},
             {"cases": ["logprobs"], "tokens": [16384], "hidden": [2048], "vocab": [151936]},
@@ -99,7 +99,7 @@ PRESETS = {
     # The losses' cost over plain log-probs on the same tokens (the summary's "takes …× the time" lines), bf16.
     "gpu-losses": {
         "dtype": "bfloat16", "repeats": 7, "warmup": 1,
-        "impls": ["reference", "triton", "liger", "cce"],
+        "impls": ["reference", "triton", "torch", "liger", "cce"],
         "grids": [
             {"cases": ["logprobs", "dpo", "epa-1+3+60"], "tokens": [8192], "hidden": [4096], "vocab": [128256]},
         ],

@@ -9,6 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 CALL_LIMIT_S = 9 * 60  # one call, leaving time for a second within the 15-minute lease
+# What the first session (2026-12-04) timed already: these run last, in whatever time the call has left.
+REPEATS = ("peers-qwen", "peers-gemma", "filter")
 
 
 def stage_limits() -> dict[str, int]:
@@ -17,12 +19,14 @@ def stage_limits() -> dict[str, int]:
     return {name: int(seconds) for name, seconds in found}
 
 
-def test_the_stages_fit_one_device_call_with_the_kernels_first():
+def test_the_new_stages_fit_one_device_call_least_known_first():
     limits = stage_limits()
-    assert sum(limits.values()) <= CALL_LIMIT_S, limits
     order = list(limits)
-    kernels, training = ("peers-llama", "peers-llama-32k", "tiles", "losses", "filter"), ("flex", "fsdp2")
-    assert max(order.index(k) for k in kernels) < min(order.index(t) for t in training), order
+    new = [name for name in order if name not in REPEATS]
+    assert sum(limits[name] for name in new) <= CALL_LIMIT_S, limits
+    assert order[len(new):] == list(REPEATS), order  # the repeats come last
+    never_timed, timed_at_old_configs = ("peers-llama-32k", "flex", "fsdp2"), ("peers-llama", "losses", "tiles")
+    assert max(map(order.index, never_timed)) < min(map(order.index, timed_at_old_configs)), order
 
 
 def test_dry_run_runs_every_stage(tmp_path):
@@ -35,5 +39,7 @@ def test_dry_run_runs_every_stage(tmp_path):
     with tarfile.open(tmp_path / "gpu-session.tar.gz") as archive:
         names = archive.getnames()
     assert all(f"gpu-session/{stage}.log" in names for stage in stage_limits())
+    # the training stages' model stays out of the archive (SmolLM2's 540 MB made the first session's too big to return)
+    assert not any(name.endswith((".safetensors", ".bin")) for name in names), names
     assert "| logprobs (smollm2) | native@1e-5 |" in summary  # filtering ran on the (synthetic) slice
     assert "head tied to the embeddings | True | True" in summary
