@@ -19,10 +19,12 @@ hidden and weight with tensor-core dots (fp32 accumulation) and reduces it on th
   accumulates dz · W and dzᵀ · h chunk by chunk over D into fp32 gradients with atomic adds; the D
   chunks start at a per-program offset so programs sharing gradient rows rarely hit the same
   addresses at once. Optionally, tiles whose probabilities are all below `filter_eps` (and that hold no counted
-  target) are skipped.
+  target) are skipped. The "stored" scheme instead writes each tile's da to a [chunk, V] buffer and leaves the
+  two gradient GEMMs to torch, chunk by chunk: no atomics, at the cost of the buffer.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -166,14 +168,16 @@ def _forward_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
     "NEED_HIDDEN": lambda args: args["d_hidden_ptr"] is not None,
     "NEED_WEIGHT": lambda args: args["d_weight_ptr"] is not None,
     "NEED_BIAS": lambda args: args["d_bias_ptr"] is not None,
+    "STORE_DA": lambda args: args["da_ptr"] is not None,
 })
 @triton.jit
 def _backward_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr,
-                     d_hidden_ptr, d_weight_ptr, d_bias_ptr,
+                     d_hidden_ptr, d_weight_ptr, d_bias_ptr, da_ptr,
                      M, V, D, inv_temp, softcap, filter_eps,
                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COEF_C: tl.constexpr,
                      HAS_FILTER: tl.constexpr, NEED_HIDDEN: tl.constexpr, NEED_WEIGHT: tl.constexpr,
-                     NEED_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     NEED_BIAS: tl.constexpr, STORE_DA: tl.constexpr, EVEN_D: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr,
                      UPCAST_DOT: tl.constexpr, GROUP_M: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     # Grouped order: consecutive programs sweep GROUP_M token blocks against the same vocab
@@ -214,6 +218,14 @@ def _backward_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, coe
         dz *= 1.0 - (z / softcap) * (z / softcap)
     dz = tl.where(mask_m[:, None] & mask_v[None, :], dz * inv_temp, 0.0)
 
+    if STORE_DA:  # the stored scheme: da goes to a [M, V] buffer, the launcher runs the two gradient GEMMs
+        da_tile = dz
+        if HAS_FILTER:
+            da_tile = tl.where(keep, dz, 0.0)
+        if UPCAST_DOT:  # the interpreter's bf16 goes through an fp32 buffer holding bf16-rounded values
+            da_tile = _round_to_bf16(da_tile)
+        tl.store(da_ptr + offs_m[:, None].to(tl.int64) * V + offs_v[None, :], da_tile.to(da_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_v[None, :])
     if keep:
         if NEED_BIAS:
             tl.atomic_add(d_bias_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
@@ -280,6 +292,8 @@ _BACKWARD_CONFIG_FEW_TOKENS = _Config(block_m=64, block_v=128, block_d=32, num_w
 # Exact fp32 dots run on CUDA cores (no wgmma) and need far more registers per tile.
 _FP32_CONFIG = _Config(block_m=128, block_v=64, block_d=16, num_warps=8, num_stages=2)
 _BACKWARD_GROUP_M = 8
+# The stored backward scheme's da buffer: 512 MiB is 2048 tokens at V = 128256 in bf16 (4 chunks at N = 8192).
+STORED_BYTES = 512 * 1024 * 1024
 _FEW_TOKENS = 64
 # Forward programs per SM to aim for when splitting the vocabulary; the configs fit one program per
 # SM at a time, so this is the number of waves (the last one mostly full, as splits round down).
@@ -346,36 +360,55 @@ def forward(hidden, weight, bias, targets, *, temperature=1.0, softcap=None, wit
 
 
 def backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c=None, *, temperature=1.0,
-             softcap=None, need_hidden=True, need_weight=True, need_bias=True, filter_eps=None, config=None):
+             softcap=None, need_hidden=True, need_weight=True, need_bias=True, filter_eps=None, config=None,
+             scheme="atomic", stored_bytes=None):
     """Gradients (d hidden [M, D] | None, d weight [V, D] | None, d bias [V] | None) in the input dtypes.
 
     lse, coef_a, coef_b, coef_c: [M] fp32 (coef_c None when no entropy gradient).
     `filter_eps`: skip (token block, vocab block) tiles whose every probability is below filter_eps and that
     hold no counted target (None = exact gradient). `config`: a `_Config` tile to launch with instead of the
     shipped one (for benchmarks/tile_sweep.py; None = the launcher's choice).
+    `scheme`: "atomic" (the kernel adds each tile's dz·W and dzᵀ·h into fp32 gradients with atomics) or "stored"
+    (the kernel writes da for a chunk of tokens to a [chunk, V] buffer of at most `stored_bytes`, default
+    STORED_BYTES, and two torch GEMMs form the gradients; d weight accumulates over chunks in fp32).
     """
+    if scheme not in ("atomic", "stored"):
+        raise ValueError(f"scheme must be 'atomic' or 'stored', got {scheme!r}")
     num_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
     need_bias = need_bias and bias is not None
-    d_hidden = torch.zeros(num_tokens, dim, device=device, dtype=torch.float32) if need_hidden else None
+    stored = scheme == "stored"
+    d_hidden = (torch.empty_like(hidden) if stored else
+                torch.zeros(num_tokens, dim, device=device, dtype=torch.float32)) if need_hidden else None
     d_weight = torch.zeros(vocab, dim, device=device, dtype=torch.float32) if need_weight else None
     d_bias = torch.zeros(vocab, device=device, dtype=torch.float32) if need_bias else None
 
     if num_tokens > 0 and (need_hidden or need_weight or need_bias):
         cfg = config or _config(num_tokens, hidden.dtype, _BACKWARD_CONFIG, _BACKWARD_CONFIG_FEW_TOKENS)
-        grid = (triton.cdiv(num_tokens, cfg.block_m) * triton.cdiv(vocab, cfg.block_v),)
-        _backward_kernel[grid](
-            hidden, weight, bias, targets, lse.contiguous(), coef_a.contiguous(), coef_b.contiguous(),
-            coef_c_ptr=None if coef_c is None else coef_c.contiguous(),
-            d_hidden_ptr=d_hidden, d_weight_ptr=d_weight, d_bias_ptr=d_bias,
-            M=num_tokens, V=vocab, D=dim,
+        launch = functools.partial(
+            _launch_backward, weight=weight, bias=bias, coef_c=coef_c, d_bias=d_bias, cfg=cfg,
             inv_temp=1.0 / temperature, softcap=None if softcap is None else float(softcap),
-            filter_eps=None if filter_eps is None else float(filter_eps),
-            GROUP_M=_BACKWARD_GROUP_M,
-            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+            filter_eps=None if filter_eps is None else float(filter_eps))
+        if not stored:
+            launch(hidden, targets, lse, coef_a, coef_b, slice(None), d_hidden=d_hidden, d_weight=d_weight)
+        elif need_hidden or need_weight:
+            # The interpreter computes in fp32 and rounds to bf16 itself: its bf16 buffer is fp32.
+            buffer_dtype = torch.float32 if _INTERPRET and hidden.dtype == torch.bfloat16 else hidden.dtype
+            per_token = vocab * torch.empty(0, dtype=buffer_dtype).element_size()
+            chunk = max(cfg.block_m, (stored_bytes or STORED_BYTES) // per_token // cfg.block_m * cfg.block_m)
+            buffer = torch.empty(min(chunk, num_tokens), vocab, device=device, dtype=buffer_dtype)
+            for start in range(0, num_tokens, chunk):
+                rows = slice(start, min(start + chunk, num_tokens))
+                da = buffer[: rows.stop - start]
+                launch(hidden[rows], targets[rows], lse, coef_a, coef_b, rows, da=da)
+                da = da.to(hidden.dtype)
+                if need_hidden:
+                    torch.mm(da, weight, out=d_hidden[rows])
+                if need_weight:
+                    d_weight.add_(torch.mm(da.t(), hidden[rows]))
+        else:  # only d bias: the atomic scheme has nothing else to do
+            launch(hidden, targets, lse, coef_a, coef_b, slice(None))
 
     if d_hidden is not None:
         d_hidden = d_hidden.to(hidden.dtype)
@@ -384,3 +417,19 @@ def backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c=None, *,
     if d_bias is not None:
         d_bias = d_bias.to(bias.dtype)
     return d_hidden, d_weight, d_bias
+
+
+def _launch_backward(hidden, targets, lse, coef_a, coef_b, rows, *, weight, bias, coef_c, d_bias, cfg, inv_temp,
+                     softcap, filter_eps, d_hidden=None, d_weight=None, da=None):
+    """One backward launch over the tokens `rows` of the per-token inputs (hidden and targets already sliced)."""
+    num_tokens, vocab = hidden.shape[0], weight.shape[0]
+    grid = (triton.cdiv(num_tokens, cfg.block_m) * triton.cdiv(vocab, cfg.block_v),)
+    _backward_kernel[grid](
+        hidden, weight, bias, targets, lse[rows].contiguous(), coef_a[rows].contiguous(), coef_b[rows].contiguous(),
+        coef_c_ptr=None if coef_c is None else coef_c[rows].contiguous(),
+        d_hidden_ptr=d_hidden, d_weight_ptr=d_weight, d_bias_ptr=d_bias, da_ptr=da,
+        M=num_tokens, V=vocab, D=hidden.shape[1], inv_temp=inv_temp, softcap=softcap, filter_eps=filter_eps,
+        GROUP_M=_BACKWARD_GROUP_M,
+        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
