@@ -46,7 +46,7 @@ class Variant:
     kernel: str  # "forward" or "backward"
     dtype: torch.dtype
     num_tokens: int  # a token count that makes the launcher pick this config
-    flags: dict = field(default_factory=dict)  # bias, softcap, entropy, filter, even_d
+    flags: dict = field(default_factory=dict)  # bias, softcap, entropy, filter, even_d, stored (the scheme)
 
     @property
     def config(self):
@@ -111,6 +111,7 @@ def shipped_variants() -> list[Variant]:
     variants += [
         Variant("forward bf16, every flag", "forward", torch.bfloat16, many, ALL_ON),
         Variant("backward bf16, every flag", "backward", torch.bfloat16, many, ALL_ON),
+        Variant("backward bf16, stored scheme", "backward", torch.bfloat16, many, {"stored": True}),
         Variant("forward fp32", "forward", torch.float32, many),
         Variant("backward fp32", "backward", torch.float32, many),
     ]
@@ -180,13 +181,15 @@ def _arguments(variant: Variant) -> tuple[dict, dict]:
                  "part_ez_ptr": "*fp32" if flags.get("entropy") else None, "v_per_split": "i32"}
         constants["HAS_ENTROPY"] = bool(flags.get("entropy"))
     else:
+        stored = bool(flags.get("stored"))  # the stored scheme: da to a buffer, no gradient atomics
         types = {**common, "lse_ptr": "*fp32", "coef_a_ptr": "*fp32", "coef_b_ptr": "*fp32",
-                 "coef_c_ptr": "*fp32" if flags.get("entropy") else None, "d_hidden_ptr": "*fp32",
-                 "d_weight_ptr": "*fp32", "d_bias_ptr": "*fp32" if flags.get("bias") else None,
+                 "coef_c_ptr": "*fp32" if flags.get("entropy") else None,
+                 "d_hidden_ptr": None if stored else "*fp32", "d_weight_ptr": None if stored else "*fp32",
+                 "d_bias_ptr": "*fp32" if flags.get("bias") else None, "da_ptr": pointer if stored else None,
                  "filter_eps": "fp32" if flags.get("filter") else None}
         constants.update(HAS_COEF_C=bool(flags.get("entropy")), HAS_FILTER=bool(flags.get("filter")),
-                         NEED_HIDDEN=True, NEED_WEIGHT=True, NEED_BIAS=bool(flags.get("bias")),
-                         GROUP_M=kernels._BACKWARD_GROUP_M)
+                         NEED_HIDDEN=not stored, NEED_WEIGHT=not stored, NEED_BIAS=bool(flags.get("bias")),
+                         STORE_DA=stored, GROUP_M=kernels._BACKWARD_GROUP_M)
     return types, constants
 
 

@@ -546,7 +546,35 @@ def backward_cost(shape: Shape, *, device, dtype, samples: int, rep_ms: float, s
     row["gemm_floor_tflops"] = row["flops"] / (row["gemm_floor"]["median_ms"] * 1e-3) / 1e12
     row["backward_over_floor"] = row["backward"]["median_ms"] / row["gemm_floor"]["median_ms"]
     row["buffers_share"] = row["buffers"]["median_ms"] / row["backward"]["median_ms"]
+    row["stored"] = stored_scheme_cost(backward, lambda: kernels.backward(h, w, None, t, lse, g, -g, need_bias=False,
+                                                                          scheme="stored"), device,
+                                       samples=samples, rep_ms=rep_ms, floor_ms=row["gemm_floor"]["median_ms"])
     return row
+
+
+def stored_scheme_cost(atomic, stored, device: torch.device, *, samples: int, rep_ms: float, floor_ms: float) -> dict:
+    """The stored scheme (da written per chunk of tokens, two torch GEMMs) beside the atomic one: its time, peak
+    memory and its gradients' relative L2 difference from the atomic scheme's."""
+    out = {"status": "ok", "peak_bytes_above_inputs": None}
+    try:
+        want, got = atomic(), stored()
+        out["difference_from_atomic"] = max(((g.double() - w.double()).norm() / w.double().norm()).item()
+                                            for g, w in zip(got[:2], want[:2], strict=True))
+        del want, got
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            result = stored()
+            _sync(device)
+            out["peak_bytes_above_inputs"] = torch.cuda.max_memory_allocated(device) - base
+            del result
+        out["backward"] = bench(stored, device, samples=samples, rep_ms=rep_ms)
+    except Exception as exc:
+        out["status"] = f"failed: {_why(exc)}"
+        return out
+    out["over_floor"] = out["backward"]["median_ms"] / floor_ms
+    return out
 
 
 def gemm_floor(hidden, weight, device: torch.device, *, samples: int, rep_ms: float) -> dict:
@@ -652,6 +680,21 @@ def markdown(result: dict) -> str:
                          f"{_ms(b['gemm_floor'])} | {_num(b['gemm_floor_tflops'])} | "
                          f"{_num(b['backward_over_floor'])}× | {_mib(b['fp32_buffer_bytes'])} | "
                          f"{_ms(b['buffers'])} ({b['buffers_share']:.0%}) | {_mib(b['cast_bytes'])} | {peak} |")
+        lines += ["", "The stored scheme (`scheme=\"stored\"`: the kernel writes da for a chunk of tokens, two torch "
+                  "GEMMs form the gradients, d weight accumulates in fp32) beside it:", "",
+                  "| shape | stored backward ms | / floor | × atomic time | peak above inputs MiB | "
+                  "difference from atomic |", "|---|---:|---:|---:|---:|---:|"]
+        for b in result["backward_cost"]:
+            stored = b.get("stored")
+            if b["status"] != "ok" or stored is None:
+                continue
+            if stored["status"] != "ok":
+                lines.append(f"| {_shape(b).name} | {stored['status']} |" + " |" * 4)
+                continue
+            peak = "–" if stored["peak_bytes_above_inputs"] is None else _mib(stored["peak_bytes_above_inputs"])
+            ratio = stored["backward"]["median_ms"] / b["backward"]["median_ms"]
+            lines.append(f"| {_shape(b).name} | {_ms(stored['backward'])} | {_num(stored['over_floor'])}× | "
+                         f"{ratio:.2f}× | {peak} | {stored['difference_from_atomic']:.1e} |")
         lines.append("")
     lines.append(f"Sweep wall time {result['wall_s']:.0f} s.")
     return "\n".join(lines)

@@ -77,9 +77,12 @@ def test_tiny_sweep_end_to_end(tmp_path):
         assert c["cast_bytes"] == (c["shape"]["tokens"] + 100) * 32 * (4 + 2)
         assert c["backward"]["median_ms"] > 0 and c["gemm_floor"]["median_ms"] > 0 and c["buffers"]["median_ms"] > 0
         assert c["backward_over_floor"] > 0 and c["peak_bytes_above_inputs"] is None  # CUDA only
+        stored = c["stored"]  # the stored scheme beside the atomic one: the same gradients (bf16 rounding apart)
+        assert stored["status"] == "ok" and stored["backward"]["median_ms"] > 0 and stored["over_floor"] > 0
+        assert stored["difference_from_atomic"] < 1e-2
 
     for title in ("## forward, N=80 D=32 V=100 (many tokens)", "## backward, N=8 D=32 V=100 (few tokens)",
-                  "## Choice", "## The backward's cost", "**fastest**"):
+                  "## Choice", "## The backward's cost", "**fastest**", "| stored backward ms |"):
         assert title in md
     assert md.count("**fastest**") == 4
 
