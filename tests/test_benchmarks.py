@@ -207,12 +207,13 @@ def test_gpu_presets_are_the_intended_cases():
         harness.Case(tokens=16384, hidden=2048, vocab=151936, **bf16),
         harness.Case(tokens=8192, hidden=2304, vocab=262144, softcap=30.0, **bf16),
     ]
-    assert run.PRESETS["gpu-peers"]["impls"] == ["reference", "reference-compile", "triton", "liger", "cce", "trl"]
+    assert run.PRESETS["gpu-peers"]["impls"] == ["reference", "reference-compile", "triton", "torch", "liger", "cce",
+                                                 "trl"]
     losses = run.preset_cases("gpu-losses")
     assert [c.name for c in losses] == ["logprobs", "dpo", "epa-1+3+60"]
     assert {(c.tokens, c.hidden, c.vocab, c.dtype, c.softcap) for c in losses} == {(8192, 4096, 128256, "bfloat16",
                                                                                       None)}
-    assert run.PRESETS["gpu-losses"]["impls"] == ["reference", "triton", "liger", "cce"]
+    assert run.PRESETS["gpu-losses"]["impls"] == ["reference", "triton", "torch", "liger", "cce"]
     for name, preset in run.PRESETS.items():  # every preset still parses; implementations are known names
         assert run.preset_cases(name), name
         assert set(preset.get("impls", run.IMPLS)) <= set(run.IMPLS) | {i for i in preset.get("impls", ())
