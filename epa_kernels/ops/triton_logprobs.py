@@ -370,7 +370,8 @@ def backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c=None, *,
     shipped one (for benchmarks/tile_sweep.py; None = the launcher's choice).
     `scheme`: "atomic" (the kernel adds each tile's dz·W and dzᵀ·h into fp32 gradients with atomics) or "stored"
     (the kernel writes da for a chunk of tokens to a [chunk, V] buffer of at most `stored_bytes`, default
-    STORED_BYTES, and two torch GEMMs form the gradients; d weight accumulates over chunks in fp32).
+    STORED_BYTES, and two torch GEMMs form the gradients; each chunk's d weight product, in the input dtype, is
+    summed over chunks in fp32).
     """
     if scheme not in ("atomic", "stored"):
         raise ValueError(f"scheme must be 'atomic' or 'stored', got {scheme!r}")
