@@ -1,9 +1,11 @@
 """The Triton backward's two schemes against the kernel contract in fp64 (the torch backend run on fp64 copies):
 "atomic" (each tile adds dz·W and dzᵀ·h into fp32 gradients with atomics, the default) and "stored" (each tile
-writes da for a chunk of tokens, two torch GEMMs form the gradients). Small chunks force several of them."""
+writes da for a chunk of tokens, two torch GEMMs form the gradients). Small chunks force several of them. The
+inputs live on DEVICE (CUDA on a GPU machine, where the compiled kernels run; the interpreter's CPU otherwise); the
+fp64 contract runs on the CPU."""
 import pytest
 import torch
-from conftest import fresh_seed
+from conftest import DEVICE, fresh_seed
 
 from epa_kernels.ops import torch_logprobs
 from epa_kernels.ops import triton_logprobs as tk
@@ -19,18 +21,21 @@ def case(dtype, *, tokens=70, dim=40, vocab=150, bias=False, entropy=False):
          "targets": torch.randint(0, vocab, (tokens,), generator=gen),
          "coef_a": torch.randn(tokens, generator=gen), "coef_b": torch.randn(tokens, generator=gen),
          "coef_c": torch.randn(tokens, generator=gen) * 0.1 if entropy else None}
-    return c
+    return {k: None if v is None else v.to(DEVICE) for k, v in c.items()}
 
 
 def gradients(c, run, *, softcap=None, temperature=1.0, **options):
-    fp64 = run is torch_logprobs
-    h, w = (c["hidden"].double(), c["weight"].double()) if fp64 else (c["hidden"], c["weight"])
-    b = None if c["bias"] is None else (c["bias"].double() if fp64 else c["bias"])
-    lse = torch_logprobs.forward(c["hidden"].double(), c["weight"].double(),
-                                 None if c["bias"] is None else c["bias"].double(), c["targets"],
+    """The backward of `run` (torch_logprobs: on fp64 CPU copies, the contract; else the Triton launcher), on CPU."""
+    cpu64 = {k: None if v is None else (v.double() if v.is_floating_point() else v).cpu() for k, v in c.items()}
+    lse = torch_logprobs.forward(cpu64["hidden"], cpu64["weight"], cpu64["bias"], cpu64["targets"],
                                  temperature=temperature, softcap=softcap)[1].float()
-    return run.backward(h, w, b, c["targets"], lse, c["coef_a"], c["coef_b"], c["coef_c"], temperature=temperature,
-                        softcap=softcap, **options)
+    if run is torch_logprobs:
+        c, lse = {**cpu64, **{k: c[k].cpu() if c[k] is not None else None for k in ("coef_a", "coef_b", "coef_c")}}, lse
+    else:
+        lse = lse.to(c["hidden"].device)
+    got = run.backward(c["hidden"], c["weight"], c["bias"], c["targets"], lse, c["coef_a"], c["coef_b"], c["coef_c"],
+                       temperature=temperature, softcap=softcap, **options)
+    return tuple(None if g is None else g.cpu() for g in got)
 
 
 def relative(got, want):
@@ -89,7 +94,9 @@ def test_stored_scheme_filters_the_same_tiles_as_the_atomic_one():
         torch.testing.assert_close(s, a, rtol=1e-5, atol=1e-6)
 
 
-def test_unknown_scheme_is_refused():
+def test_unknown_scheme_and_empty_buffer_are_refused():
     c = case(torch.float32, tokens=4)
     with pytest.raises(ValueError, match="scheme must be 'atomic' or 'stored'"):
         gradients(c, tk, scheme="fast")
+    with pytest.raises(ValueError, match="stored_bytes must be positive"):
+        gradients(c, tk, scheme="stored", stored_bytes=0)
