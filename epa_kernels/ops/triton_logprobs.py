@@ -279,15 +279,17 @@ _INTERPRET_CONFIG = _Config(block_m=16, block_v=32, block_d=16, num_warps=1, num
 # tables in benchmarks/results/2026-12-04_h200_kernels) and compiled for every target with `python -m
 # benchmarks.kernel_report` (registers and spills from ptxas, no GPU needed; it reproduces the registers and spills
 # of all 20 kernels the H200 compiled under the same Triton). Many-token forward: 128×128×64 w8 s3 took 20.3 ms
-# against 29.8 for the earlier 128×128×32 w8 s3 (1.47×) and spills nothing on sm_90a under Triton 3.6 and 3.9; the
-# fastest, 128×256×32 w8 s3 (18.7 ms), spills under Triton 3.9 (32 B, 400 B with entropy). Many-token backward: the
-# faster ones either spill under Triton 3.9 (128×128×32 w4 s3, 1.11×: 232 B) or need 160 KiB of shared memory,
-# more than sm_86/sm_89 have per block (128×128×64 w8 s3, 1.12×), so it stays at 128×128×32 w8 s3. Few tokens
-# (not yet timed) get 64-row tiles so less tensor-core work is wasted on padding (that regime streams the weight).
+# against 29.8 for the earlier 128×128×32 w8 s3 (1.47×); it spills nothing on sm_90a under Triton 3.6 and 3.9
+# on the hot path (16 B with the entropy epilogue under 3.9, 192 B on sm_80-sm_89); the fastest, 128×256×32 w8 s3
+# (18.7 ms), spills under Triton 3.9 (32 B, 400 B with entropy). Many-token backward: 128×128×32 w8 s4 took 111.5 ms
+# against 116.6 for w8 s3 (1.05×) and spills nothing on any target; the faster ones spill under Triton 3.9
+# (128×128×32 w4 s3, 1.11×: 232 B) or need 160 KiB of shared memory, more than sm_86/sm_89 have per block
+# (128×128×64 w8 s3, 1.12×). Few tokens (not yet timed) get 64-row tiles so less tensor-core work is wasted on
+# padding (that regime streams the weight).
 # Every config fits the per-block shared memory of sm_80, sm_86, sm_89 and sm_90 (tests/test_kernel_report.py).
 _FORWARD_CONFIG = _Config(block_m=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
 _FORWARD_CONFIG_FEW_TOKENS = _Config(block_m=64, block_v=256, block_d=32, num_warps=8, num_stages=3)
-_BACKWARD_CONFIG = _Config(block_m=128, block_v=128, block_d=32, num_warps=8, num_stages=3)
+_BACKWARD_CONFIG = _Config(block_m=128, block_v=128, block_d=32, num_warps=8, num_stages=4)
 _BACKWARD_CONFIG_FEW_TOKENS = _Config(block_m=64, block_v=128, block_d=32, num_warps=8, num_stages=3)
 # Exact fp32 dots run on CUDA cores (no wgmma) and need far more registers per tile.
 _FP32_CONFIG = _Config(block_m=128, block_v=64, block_d=16, num_warps=8, num_stages=2)
@@ -369,12 +371,14 @@ def backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c=None, *,
     hold no counted target (None = exact gradient). `config`: a `_Config` tile to launch with instead of the
     shipped one (for benchmarks/tile_sweep.py; None = the launcher's choice).
     `scheme`: "atomic" (the kernel adds each tile's dz·W and dzᵀ·h into fp32 gradients with atomics) or "stored"
-    (the kernel writes da for a chunk of tokens to a [chunk, V] buffer of at most `stored_bytes`, default
-    STORED_BYTES, and two torch GEMMs form the gradients; each chunk's d weight product, in the input dtype, is
-    summed over chunks in fp32).
+    (the kernel writes da for a chunk of tokens to a [chunk, V] buffer of about `stored_bytes`, default
+    STORED_BYTES, at least one token block; two torch GEMMs form the gradients in the input dtype, d weight
+    accumulating over the chunks there, as Liger-Kernel does: no fp32 [V, D] buffer).
     """
     if scheme not in ("atomic", "stored"):
         raise ValueError(f"scheme must be 'atomic' or 'stored', got {scheme!r}")
+    if stored_bytes is not None and stored_bytes <= 0:
+        raise ValueError(f"stored_bytes must be positive, got {stored_bytes}")
     num_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
@@ -382,7 +386,8 @@ def backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c=None, *,
     stored = scheme == "stored"
     d_hidden = (torch.empty_like(hidden) if stored else
                 torch.zeros(num_tokens, dim, device=device, dtype=torch.float32)) if need_hidden else None
-    d_weight = torch.zeros(vocab, dim, device=device, dtype=torch.float32) if need_weight else None
+    d_weight = torch.zeros(vocab, dim, device=device, dtype=weight.dtype if stored else torch.float32) \
+        if need_weight else None
     d_bias = torch.zeros(vocab, device=device, dtype=torch.float32) if need_bias else None
 
     if num_tokens > 0 and (need_hidden or need_weight or need_bias):
@@ -397,7 +402,8 @@ def backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c=None, *,
             # The interpreter computes in fp32 and rounds to bf16 itself: its bf16 buffer is fp32.
             buffer_dtype = torch.float32 if _INTERPRET and hidden.dtype == torch.bfloat16 else hidden.dtype
             per_token = vocab * torch.empty(0, dtype=buffer_dtype).element_size()
-            chunk = max(cfg.block_m, (stored_bytes or STORED_BYTES) // per_token // cfg.block_m * cfg.block_m)
+            budget = STORED_BYTES if stored_bytes is None else stored_bytes
+            chunk = max(cfg.block_m, budget // per_token // cfg.block_m * cfg.block_m)
             buffer = torch.empty(min(chunk, num_tokens), vocab, device=device, dtype=buffer_dtype)
             for start in range(0, num_tokens, chunk):
                 rows = slice(start, min(start + chunk, num_tokens))
@@ -407,7 +413,8 @@ def backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c=None, *,
                 if need_hidden:
                     torch.mm(da, weight, out=d_hidden[rows])
                 if need_weight:
-                    d_weight.add_(torch.mm(da.t(), hidden[rows]))
+                    d_weight.addmm_(da.t(), hidden[rows])
+            del buffer
         else:  # only d bias: the atomic scheme has nothing else to do
             launch(hidden, targets, lse, coef_a, coef_b, slice(None))
 
