@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# One lent-GPU session in one device call of at most 9 minutes, the least-known first: the kernels' goal shape
+# One lent-GPU session in one device call of 9 minutes and a half, the least-known first: the kernels' goal shape
 # (Llama-3-8B's head at N = 32k) against the peers, the GPU-only training paths (FlexAttention prefix sharing,
-# FSDP2 through accelerate), then Llama-3-8B at 8k and the losses again (the tile configs changed after the first
-# timing), the tile sweep, and last the heads the 2026-12-04 session timed already (Qwen, Gemma, gradient filter).
+# FSDP2 through accelerate), the tile sweep with both backward schemes, Llama-3-8B at 8k again (the tile configs
+# changed after the first timing), and last what the 2026-12-04 session timed already (losses, Qwen, Gemma,
+# gradient filter).
 #
 #   bash benchmarks/prepare_gpu_session.sh     # here, once: .whl/ and .gpu/ (wheels, SmolLM2's config, activations)
-#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".gpu"], timeout_s=570)    # the device call
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".gpu"], timeout_s=570)   # the device call
 #   bash benchmarks/gpu_session.sh --dry-run   # every stage on this CPU at tiny shapes (the tests run it)
 #   bash benchmarks/gpu_session.sh --only peers-llama,tiles      # some stages
 #
 # Every stage has its own time limit, set from the times the 2026-12-04 session measured (a cold Triton cache
 # compiles each kernel first), and as soon as it ends its logs and results are packed into $OUT/gpu-session.tar.gz
 # and its status line and tables appended to $OUT/summary.md (the two files the device call returns), so a stage
-# killed at its limit, or by the call's own limit, loses only itself. The stages up to the tile sweep fit the call's
-# 9 minutes; the last three repeat what the first session measured and run only in the time left.
+# killed at its limit, or by the call's own limit, loses only itself (the archive is written under another name and
+# then moved, so a kill while packing leaves the previous one whole). The stages up to peers-llama fit 9 minutes;
+# the last four repeat what the first session measured and run only in the time left.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 DRY=0
@@ -22,7 +24,7 @@ while [ $# -gt 0 ]; do
     case $1 in
         --dry-run) DRY=1 ;;
         --only) ONLY=",$2,"; shift ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "unknown argument $1 (--dry-run, --only STAGE[,STAGE])" >&2; exit 2 ;;
     esac
     shift
@@ -56,7 +58,8 @@ stage() {  # stage NAME SECONDS COMMAND...: run under its limit, log to $LOGS/NA
     tail -n 4 "$LOGS/$name.log"
     { echo; echo "## $name"; echo; echo "$line"; echo
       for table in "$LOGS/$name"/*.md; do [ -f "$table" ] && cat "$table"; done; } >> "$SUMMARY"
-    tar czf "$OUT/gpu-session.tar.gz" -C "$(dirname "$LOGS")" gpu-session
+    tar czf "$OUT/.gpu-session.tar.gz.part" -C "$(dirname "$LOGS")" gpu-session \
+        && mv "$OUT/.gpu-session.tar.gz.part" "$OUT/gpu-session.tar.gz"
 }
 
 # Wheels of what the GPU image lacks (prepare_gpu_session.sh); the dry run uses this machine's packages.
@@ -73,7 +76,8 @@ stage ceilings 20 "$PY" -m benchmarks.ceilings --device "$DEVICE" "${CEIL[@]}" -
 
 # 1. The kernels are right on this GPU before they are timed (the timing stages gate each result too).
 if [ "$DRY" = 1 ]; then TESTS=(tests/test_logprobs.py -k "single_token and triton"); else
-    TESTS=(-n 8 tests/test_logprobs.py tests/test_fused_loss.py tests/test_filter_eps.py); fi
+    TESTS=(-n 8 tests/test_logprobs.py tests/test_fused_loss.py tests/test_filter_eps.py
+    tests/test_triton_backward_schemes.py); fi
 stage tests 50 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 
 # linear_logprobs forward and forward+backward against Liger-Kernel, Cut Cross-Entropy, TRL, torch.compile and the
@@ -90,7 +94,7 @@ peers() {  # peers NAME LIMIT N D V [--softcap C]
 }
 
 # 2. The goal shape: Llama-3-8B's head at N = 32k (never timed: the first session's stage ran out of time).
-peers peers-llama-32k 100 32768 4096 128256
+peers peers-llama-32k 140 32768 4096 128256
 
 # 3. A model for the training stages: SmolLM2-135M's architecture with seeded weights (its weights cannot travel),
 #    kept out of $LOGS so that the packed logs stay small; the dry run saves the tests' tiny Llama.
@@ -124,20 +128,22 @@ stage flex 70 bash -c "\"$PY\" -m benchmarks.train_step --model $MODEL --device 
 if [ "$DRY" = 1 ]; then FSDP=(--dry-run); else FSDP=(); fi
 stage fsdp2 50 "$PY" -m benchmarks.fsdp_check --model "$MODEL" --out "$LOGS/fsdp2" "${FSDP[@]}"
 
-# 6. Llama-3-8B at 8k and the losses again, at the tile configs chosen by the first session's sweep.
+# 6. The tile choice by measurement (every shipped config and a small grid) at the shapes the first session did not
+#    sweep (Llama-3-8B's head at N = 32k, and few tokens), and the backward's cost: both schemes side by side.
+if [ "$DRY" = 1 ]; then TILES=(--grid tiny); else TILES=(--grid small --samples 2 --tokens 32768 64 --hidden 4096
+    --vocab 128256); fi
+stage tiles 120 "$PY" -m benchmarks.tile_sweep --backward-cost "${TILES[@]}" --out "$LOGS/tiles"
+
+# 7. Llama-3-8B at 8k again, at the tile configs chosen by the first session's sweep.
 peers peers-llama 60 8192 4096 128256
+
+# 8. Past the call's 9 minutes if the stages above use their limits: repeats of what the first session timed. EPA
+#    1+3+60 and DPO against plain log-probs (--preset gpu-losses), the Qwen and Gemma heads, gradient filtering on
+#    SmolLM2's real activations (the carried slice; a synthetic one in the dry run).
 if [ "$DRY" = 1 ]; then LOSSES=(--tokens 64 --hidden 16 --vocab 300 --cases logprobs dpo epa-1+3+60 --repeats 1
     --warmup 0 --no-memory --impls reference triton torch); else LOSSES=(--preset gpu-losses); fi
 stage losses 60 "$PY" -m benchmarks.run --device "$DEVICE" "${LOSSES[@]}" --out "$LOGS/losses"
 
-# 7. The tile choice by measurement (every shipped config and a small grid) at the shapes the first session did not
-#    sweep (Llama-3-8B's head at N = 32k, and few tokens), and the backward's cost.
-if [ "$DRY" = 1 ]; then TILES=(--grid tiny); else TILES=(--grid small --samples 2 --tokens 32768 64 --hidden 4096
-    --vocab 128256); fi
-stage tiles 100 "$PY" -m benchmarks.tile_sweep --backward-cost "${TILES[@]}" --out "$LOGS/tiles"
-
-# 8. Past the call's 9 minutes if the stages above use their limits: repeats of what the first session timed: the Qwen and Gemma heads, gradient filtering on SmolLM2's real
-#    activations (the carried slice; a synthetic one in the dry run).
 peers peers-qwen 60 16384 2048 151936
 peers peers-gemma 60 8192 2304 262144 --softcap 30
 if [ "$DRY" = 1 ]; then
