@@ -539,6 +539,10 @@ def run_case(case: Case, device: torch.device, names, *, warmup: int, repeats: i
             else None
         results.append(Result(name, described, "ok", peak_bytes=peak, tflops=tflops, error=error,
                               forward_tflops=forward_tflops, error_fp32=error_fp32, **timing))
+        # One line per implementation as soon as it is done: a run stopped before its table keeps these in its log.
+        progress(f"  {name}: forward {timing['forward_ms']:.3f} ms, full {timing['full_ms']:.3f} ms"
+                 + ("" if peak is None else f", peak {peak / 2**20:.1f} MiB")
+                 + ("" if error_fp32 is None else f", error vs fp32 {error_fp32:.1e}"))
     base = next((r for r in results if r.impl == "reference" and r.status == "ok"), None)
     for r in results:
         if base is not None and r.status == "ok":
