@@ -520,14 +520,7 @@ def backward_cost(shape: Shape, *, device, dtype, samples: int, rep_ms: float, s
            "peak_bytes_above_inputs": None, "status": "ok"}
     try:
         backward()  # warm: compiled
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            out = backward()
-            _sync(device)
-            row["peak_bytes_above_inputs"] = torch.cuda.max_memory_allocated(device) - base
-            del out
+        row["peak_bytes_above_inputs"] = _cuda_peak(backward, device)
         row["backward"] = bench(backward, device, samples=samples, rep_ms=rep_ms)
     except Exception as exc:
         row["status"] = f"failed: {_why(exc)}"
@@ -561,20 +554,27 @@ def stored_scheme_cost(atomic, stored, device: torch.device, *, samples: int, re
         out["difference_from_atomic"] = max(((g.double() - w.double()).norm() / w.double().norm()).item()
                                             for g, w in zip(got[:2], want[:2], strict=True))
         del want, got
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            result = stored()
-            _sync(device)
-            out["peak_bytes_above_inputs"] = torch.cuda.max_memory_allocated(device) - base
-            del result
+        out["peak_bytes_above_inputs"] = _cuda_peak(stored, device)
         out["backward"] = bench(stored, device, samples=samples, rep_ms=rep_ms)
     except Exception as exc:
         out["status"] = f"failed: {_why(exc)}"
         return out
     out["over_floor"] = out["backward"]["median_ms"] / floor_ms
     return out
+
+
+def _cuda_peak(fn, device: torch.device) -> int | None:
+    """Peak bytes allocated above what was live before one call of fn (CUDA only; None elsewhere)."""
+    _sync(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    result = fn()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del result
+    return peak
 
 
 def gemm_floor(hidden, weight, device: torch.device, *, samples: int, rep_ms: float) -> dict:
