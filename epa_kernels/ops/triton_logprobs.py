@@ -408,7 +408,7 @@ def backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c=None, *,
             for start in range(0, num_tokens, chunk):
                 rows = slice(start, min(start + chunk, num_tokens))
                 da = buffer[: rows.stop - start]
-                launch(hidden[rows], targets[rows], lse, coef_a, coef_b, rows, da=da)
+                launch(hidden, targets, lse, coef_a, coef_b, rows, da=da)
                 da = da.to(hidden.dtype)
                 if need_hidden:
                     torch.mm(da, weight, out=d_hidden[rows])
@@ -429,7 +429,8 @@ def backward(hidden, weight, bias, targets, lse, coef_a, coef_b, coef_c=None, *,
 
 def _launch_backward(hidden, targets, lse, coef_a, coef_b, rows, *, weight, bias, coef_c, d_bias, cfg, inv_temp,
                      softcap, filter_eps, d_hidden=None, d_weight=None, da=None):
-    """One backward launch over the tokens `rows` of the per-token inputs (hidden and targets already sliced)."""
+    """One backward launch over the tokens `rows` (a slice) of the per-token inputs."""
+    hidden, targets = hidden[rows], targets[rows]
     num_tokens, vocab = hidden.shape[0], weight.shape[0]
     grid = (triton.cdiv(num_tokens, cfg.block_m) * triton.cdiv(vocab, cfg.block_v),)
     _backward_kernel[grid](
