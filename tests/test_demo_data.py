@@ -18,6 +18,7 @@ if str(REPO) not in sys.path:  # training/ is not installed with the wheel; it r
     sys.path.insert(0, str(REPO))
 
 dd = importlib.import_module("training.demo_data")
+pd = importlib.import_module("training.preference_data")
 SEED = 1234
 FILES = ("train_pairs.jsonl", "train_multi.jsonl", "train_ranked.jsonl", "eval.jsonl")
 
@@ -38,13 +39,13 @@ def read_jsonl(path):
 def test_draw_pair_follows_bradley_terry():
     print("seed", SEED)
     rng = np.random.default_rng(SEED)
-    draws = [dd.draw_pair([0.0, 1.0], 1.0, rng) for _ in range(20_000)]
+    draws = [pd.draw_pair([0.0, 1.0], 1.0, rng) for _ in range(20_000)]
     assert all(sorted(d) == [0, 1] for d in draws)
     win = np.mean([c == 1 for c, _ in draws])
     assert abs(win - sigmoid(1.0)) < 0.01, win
     # the pair is uniform among the C(4, 2) = 6 pairs; the winner follows sigmoid(s·Δg) at scale 0.5
     gold, scale = [0.0, 2.0, -1.0, 3.0], 0.5
-    draws = [dd.draw_pair(gold, scale, rng) for _ in range(30_000)]
+    draws = [pd.draw_pair(gold, scale, rng) for _ in range(30_000)]
     pairs = [tuple(sorted(d)) for d in draws]
     for pair in {(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)}:
         share = pairs.count(pair) / len(draws)
@@ -57,20 +58,20 @@ def test_draw_chosen_follows_softmax():
     print("seed", SEED)
     gold, scale = [0.0, 1.0, 2.0, -1.0, 1.0], 0.7
     rng = np.random.default_rng(SEED)
-    counts = np.bincount([dd.draw_chosen(gold, scale, rng) for _ in range(20_000)], minlength=len(gold))
+    counts = np.bincount([pd.draw_chosen(gold, scale, rng) for _ in range(20_000)], minlength=len(gold))
     np.testing.assert_allclose(counts / counts.sum(), softmax([scale * g for g in gold]), atol=0.012)
 
 
 def test_draws_are_deterministic_and_do_not_overflow():
     gold = [3.0, -2.0, 0.0, 5.0]
-    for draw in (dd.draw_pair, dd.draw_chosen):
+    for draw in (pd.draw_pair, pd.draw_chosen):
         a = [draw(gold, 1.0, np.random.default_rng(SEED)) for _ in range(3)]
         assert a[0] == a[1] == a[2]
         rng1, rng2 = np.random.default_rng(SEED), np.random.default_rng(SEED)
         assert [draw(gold, 1.0, rng1) for _ in range(50)] == [draw(gold, 1.0, rng2) for _ in range(50)]
     rng = np.random.default_rng(SEED)
-    assert {dd.draw_pair([0.0, 1e4], 1.0, rng)[0] for _ in range(100)} == {1}
-    assert {dd.draw_chosen([-1e4, 1e4, 0.0], 1.0, rng) for _ in range(100)} == {1}
+    assert {pd.draw_pair([0.0, 1e4], 1.0, rng)[0] for _ in range(100)} == {1}
+    assert {pd.draw_chosen([-1e4, 1e4, 0.0], 1.0, rng) for _ in range(100)} == {1}
 
 
 def assistant(text):
@@ -82,8 +83,8 @@ def test_build_rows_writes_trl_formats():
     responses = [["a", "b", "c", "d"], ["x", "x", "y", "x"], ["z", "z", "z"], ["", "q", "r"]]
     gold = [[0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 0.0, 1.0], [2.0, 2.0, 2.0], [0.0, 1.0, -1.0]]
     scale = 0.5
-    rows = dd.build_rows(conv, responses, gold, scale, SEED)
-    assert rows == dd.build_rows(conv, responses, gold, scale, SEED)
+    rows = pd.build_rows(conv, responses, gold, scale, SEED)
+    assert rows == pd.build_rows(conv, responses, gold, scale, SEED)
     assert set(rows) == {"pairs", "multi", "ranked"}
     assert conv[0] == [{"role": "system", "content": dd.SYSTEM}, {"role": "user", "content": "Why?"}]
 
@@ -114,7 +115,7 @@ def test_build_rows_writes_trl_formats():
 def test_build_rows_multi_chosen_follows_softmax():
     print("seed", SEED)
     gold, scale = [0.0, 1.0, 3.0], 0.5
-    rows = dd.build_rows([dd.conversation("q")] * 6000, [["a", "b", "c"]] * 6000, [gold] * 6000, scale, SEED)["multi"]
+    rows = pd.build_rows([dd.conversation("q")] * 6000, [["a", "b", "c"]] * 6000, [gold] * 6000, scale, SEED)["multi"]
     counts = {t: sum(r["chosen"][0]["content"] == t for r in rows) / len(rows) for t in "abc"}
     np.testing.assert_allclose(list(counts.values()), softmax([scale * g for g in gold]), atol=0.02)
 
@@ -131,14 +132,14 @@ def test_generate_responses_shapes_and_seed(tiny):
     prompts = [dd.conversation(q) for q in ["What is the capital of France?", "Why is the sky blue?",
                                             "Who wrote Hamlet?"]]
     kwargs = dict(batch_size=2, max_new_tokens=6, progress=False)
-    out = dd.generate_responses(model, tokenizer, prompts, 3, seed=SEED, **kwargs)
+    out = pd.generate_responses(model, tokenizer, prompts, 3, seed=SEED, **kwargs)
     assert len(out) == 3 and all(len(texts) == 3 for texts in out)
     assert all(isinstance(t, str) and t == t.strip() for texts in out for t in texts)
     assert tokenizer.padding_side == "right"  # the caller's tokenizer is left as it was
-    assert out == dd.generate_responses(model, tokenizer, prompts, 3, seed=SEED, **kwargs)
-    assert out != dd.generate_responses(model, tokenizer, prompts, 3, seed=SEED + 1, **kwargs)
+    assert out == pd.generate_responses(model, tokenizer, prompts, 3, seed=SEED, **kwargs)
+    assert out != pd.generate_responses(model, tokenizer, prompts, 3, seed=SEED + 1, **kwargs)
     # batch b's answers depend on (seed, b) only, not on the batches before it
-    assert dd.generate_responses(model, tokenizer, prompts[2:], 3, seed=SEED, **kwargs) != out[2:]
+    assert pd.generate_responses(model, tokenizer, prompts[2:], 3, seed=SEED, **kwargs) != out[2:]
 
 
 def test_shared_prompt_cache_matches_plain_generate():
@@ -151,7 +152,7 @@ def test_shared_prompt_cache_matches_plain_generate():
     questions = ["Why is the sky blue?", "Who wrote Hamlet, and when did he write it?"]
     kwargs = dict(do_sample=False, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
     with torch.inference_mode():
-        shared = dd.sample_batch(model, tokenizer, [dd.conversation(q) for q in questions], 2, **kwargs)
+        shared = pd.sample_batch(model, tokenizer, [dd.conversation(q) for q in questions], 2, **kwargs)
         enc = tokenizer.apply_chat_template([dd.conversation(q) for q in questions], add_generation_prompt=True,
                                             padding=True, tokenizer_kwargs={"padding_side": "left"},
                                             return_tensors="pt", return_dict=True)

@@ -178,8 +178,7 @@ def test_study_end_to_end_resumes_and_refuses_another_setting(workdir, tmp_path)
 def test_study_options_are_checked(capsys):
     from training.epa_study.study import parse_args
 
-    for argv, message in ((["--arms", "epa-k5"], "must include the baseline dpo-pairs"),
-                          (["--seeds", "1", "1"], "--seeds must be distinct"), (["--lr", "0"], "--lr must be > 0"),
+    for argv, message in ((["--seeds", "1", "1"], "--seeds must be distinct"), (["--lr", "0"], "--lr must be > 0"),
                           (["--kl-samples", "-1"], "--kl-samples must be ≥ 0")):
         with pytest.raises(SystemExit):
             parse_args(argv)

@@ -7,11 +7,11 @@ review of the Eiffel Tower."). The gold reward of an answer is its AFINN sentime
 polarity, halved and clipped to [−3, 3], minus OFF_SUBJECT_PENALTY when the answer never names the subject. So an
 answer written for another prompt (another subject, maybe the other polarity) is genuinely worse under this one:
 the premise of weak negatives holds here, unlike in `training.demo_data` whose gold ignores the prompt; meta.json
-reports the gap. Preferences are drawn from the gold reward exactly as in `training.demo_data` (Bradley–Terry
-pairs; the EPA energy model's chosen among all answers), and the files are the same: ``train_pairs.jsonl``,
-``train_multi.jsonl``, ``train_ranked.jsonl``, ``eval.jsonl`` and ``meta.json``, plus ``responses.jsonl`` (every
-sampled answer and its gold reward), from which `redraw` draws other preferences from the same answers (the EPA
-study's seeds).
+reports the gap. Preferences are drawn from the gold reward exactly as in `training.demo_data` (by the same code,
+`training.preference_data`: Bradley–Terry pairs; the EPA energy model's chosen among all answers), and the files
+are the same: ``train_pairs.jsonl``, ``train_multi.jsonl``, ``train_ranked.jsonl``, ``eval.jsonl`` and
+``meta.json``, plus ``responses.jsonl`` (every sampled answer and its gold reward, written last), from which
+`redraw` draws other preferences from the same answers (the EPA study's seeds).
 
 Subjects, not prompts, are split: the held-out prompts ask about subjects no training prompt names. Every subject
 gets 2 polarities × 2 phrasings = 4 prompts; the defaults give 456 training and 104 held-out prompts. Generation
@@ -20,28 +20,25 @@ takes ~10 min on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import json
 import random
 import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from training.demo_data import (
-    BUILTIN_MODEL,
+from training.preference_data import (
     FILES,
     DemoDataError,
     _afinn,
+    argument_parser,
     build_rows,
-    gold_stats,
+    generate,
     load_model,
-    ranked_rows,
-    write_atomic,
+    parse_options,
+    write,
+    write_jsonl,
 )
 
 SYSTEM = "You are a helpful assistant. Answer in one sentence."
@@ -167,77 +164,33 @@ def redraw(data: Path, out: Path, seed: int, bt_scale: float) -> dict[str, int]:
     rows = build_rows(prompts, responses, gold, bt_scale, seed)
     out.mkdir(parents=True, exist_ok=True)
     for key in ("pairs", "multi"):
-        write_atomic(out / FILES[key], "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows[key]))
+        write_jsonl(out / FILES[key], rows[key])
     return {FILES[key]: len(rows[key]) for key in ("pairs", "multi")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m training.review_data", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", default="epa-study/data", help="output folder")
-    parser.add_argument("--model", default=BUILTIN_MODEL, help=f"{BUILTIN_MODEL!r} or a local transformers folder")
+    parser = argument_parser("python -m training.review_data", __doc__, out="epa-study/data")
     parser.add_argument("--num-eval-subjects", type=int, default=26, help="subjects held out (4 prompts each)")
     parser.add_argument("--limit-train", type=int, help="keep only the first N training prompts (tests, trials)")
-    parser.add_argument("--responses-per-prompt", type=int, default=6, help="n sampled answers per prompt")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit in tokens")
-    parser.add_argument("--bt-scale", type=float, default=1.0, help="Bradley-Terry scale s: reward = s * gold")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the subject split, the sampling and the draws")
-    args = parser.parse_args(argv)
-    for option, low in (("batch_size", 1), ("max_new_tokens", 1), ("responses_per_prompt", 2), ("limit_train", 1)):
-        value = getattr(args, option)
-        if value is not None and value < low:
-            parser.error(f"--{option.replace('_', '-')} must be >= {low}, got {value}")
-    for option in ("temperature", "bt_scale"):
-        if not (np.isfinite(getattr(args, option)) and getattr(args, option) > 0):
-            parser.error(f"--{option.replace('_', '-')} must be finite and > 0, got {getattr(args, option)}")
-    return args
+    return parse_options(parser, argv, gold="gold", split="subject split", limit_train=1)
 
 
 def run(args: argparse.Namespace) -> dict:
-    from training.demo_data import generate_responses
-
     _afinn()  # fail before the slow part when afinn is missing
     train, held_out = split_prompts(args.num_eval_subjects, args.seed)
     train = train[:args.limit_train] if args.limit_train else train
-    model, tokenizer, model_path = load_model(args.model)
-    texts = train + held_out
-    conversations = [conversation(t) for t in texts]
-    t0 = time.perf_counter()
-    responses = generate_responses(model, tokenizer, conversations, args.responses_per_prompt,
-                                   batch_size=args.batch_size, temperature=args.temperature,
-                                   max_new_tokens=args.max_new_tokens, seed=args.seed)
-    seconds = time.perf_counter() - t0
-    gold = [[gold_reward(text, r) for r in answers] for text, answers in zip(texts, responses, strict=True)]
-    k = len(train)
-    rows = build_rows(conversations[:k], responses[:k], gold[:k], args.bt_scale, args.seed)
-    rows["eval"] = ranked_rows(conversations[k:], responses[k:], gold[k:], args.bt_scale)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for key, name in FILES.items():
-        write_atomic(out / name, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows[key]))
-    write_atomic(out / "responses.jsonl", "".join(
-        json.dumps({"split": "train" if i < k else "eval", "prompt": text, "responses": answers, "gold": g},
-                   ensure_ascii=False) + "\n" for i, (text, answers, g) in enumerate(zip(texts, responses, gold,
-                                                                                            strict=True))))
-    on_subject = [names_subject(r, parse_prompt(t)[1]) for t, answers in zip(texts, responses, strict=True)
+    data = generate(args, load_model(args.model), train, held_out, conversation, gold_reward)
+    k, texts = len(train), train + held_out
+    on_subject = [names_subject(r, parse_prompt(t)[1]) for t, answers in zip(texts, data.responses, strict=True)
                   for r in answers]
-    meta = {"options": vars(args), "seed": args.seed, "model_path": model_path, "system_prompt": SYSTEM,
-            "gold_reward": (f"training.review_data:gold_reward: clip(±AFINN/2, ±{SENTIMENT_CLIP}) − "
-                            f"{OFF_SUBJECT_PENALTY}·[subject not named]; BT reward = bt_scale * gold"),
-            "versions": {name: importlib.metadata.version(name) for name in ("torch", "transformers", "afinn")},
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "generation_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
-            "prompts": {"train": len(train), "eval": len(held_out)},
-            "rows": {name: len(rows[key]) for key, name in FILES.items()},
-            "dropped_prompts": {name: (len(held_out) if key == "eval" else len(train)) - len(rows[key])
-                                for key, name in FILES.items()},
-            "answers_naming_the_subject": float(np.mean(on_subject)),
-            "weak_negative_gap": weak_negative_gap(train, responses[:k], args.seed),
-            "gold": {"train": gold_stats(responses[:k], gold[:k]), "eval": gold_stats(responses[k:], gold[k:]),
-                     "all": gold_stats(responses, gold)}}
-    write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    meta = write(args, data, SYSTEM, (f"training.review_data:gold_reward: clip(±AFINN/2, ±{SENTIMENT_CLIP}) − "
+                                      f"{OFF_SUBJECT_PENALTY}·[subject not named]; BT reward = bt_scale * gold"),
+                 answers_naming_the_subject=float(np.mean(on_subject)),
+                 weak_negative_gap=weak_negative_gap(train, data.responses[:k], args.seed))
+    # written last: the study takes its presence as the sign that the data are complete
+    write_jsonl(Path(args.out) / "responses.jsonl", [
+        {"split": "train" if i < k else "eval", "prompt": text, "responses": answers, "gold": g}
+        for i, (text, answers, g) in enumerate(zip(texts, data.responses, data.gold, strict=True))])
     return meta
 
 

@@ -18,7 +18,7 @@ import torch
 
 from epa_kernels.provenance import environment
 from training.epa_study.archive import archive
-from training.epa_study.study import ARMS, BASELINE
+from training.epa_study.arms import ARMS, BASELINE
 from training.paired import paired_interval
 
 # (key, label, higher is better); None: no preferred direction (KL is a cost traded against reward)

