@@ -141,7 +141,21 @@ def causal_lm_prompts() -> dict:
             "prompts": [f"Tell me about the number {i}." for i in range(80)]}
 
 
-FIXTURES = {fixture.__name__: fixture for fixture in (preference_data, classifier_pool, mlm_pool, causal_lm_prompts)}
+def saved_model() -> dict:
+    """A tiny random Llama saved with its tokenizer in tiny-model/, and prefs.jsonl (TRL's multi-negative
+    format), in the working directory."""
+    from tiny_models import tiny_causal_lm, tiny_tokenizer
+
+    tiny_causal_lm("llama_tied", seed=SEED).save_pretrained("tiny-model")
+    tiny_tokenizer().save_pretrained("tiny-model")
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}.",
+             "rejected": [f"It is {2 * i + 1}.", "I do not know."]} for i in range(8)]
+    Path("prefs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return {}
+
+
+FIXTURES = {fixture.__name__: fixture for fixture in (preference_data, classifier_pool, mlm_pool, causal_lm_prompts,
+                                                      saved_model)}
 
 
 # -- the examples -----------------------------------------------------------------------------------------------

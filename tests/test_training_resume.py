@@ -1,5 +1,5 @@
 """Resuming `python -m training.epa`: what a resume must share with its run (options, ranks, prefix sharing, the
-plan), extending a run, and crash-and-resume under SIGKILL at three points."""
+plan), extending a run, and crash-and-resume under SIGKILL at three points (and mid-step with LoRA adapters)."""
 import json
 import os
 import signal
@@ -109,6 +109,27 @@ def test_killed_then_resumed_equals_uninterrupted(workdir, uninterrupted, tmp_pa
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["resumed_from"] == (4 if point == "checkpoint-renamed" else 2)
     assert_same_run(uninterrupted, out)
+
+
+def test_lora_killed_mid_step_then_resumed_equals_uninterrupted(workdir, tmp_path):
+    """SIGKILL mid-step, then --resume: bit-identical adapters and the same metrics.jsonl as a run never
+    interrupted."""
+    run = ("--use-peft", "--lora-r", "4", "--lora-alpha", "8", *KILL_RUN)
+    uninterrupted = tmp_path / "uninterrupted"
+    assert main(cli(workdir, uninterrupted, *run)) == 0
+    out = tmp_path / "killed"
+    env = {**os.environ, "EPA_CRASH_AT": "mid-step@3", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "training.epa", *cli(workdir, out, *run)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    assert main(cli(workdir, out, *run, "--resume")) == 0
+    assert json.loads((out / "train_summary.json").read_text())["resumed_from"] == 2
+    expected, got = saved_weights(uninterrupted), saved_weights(out)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert metrics(uninterrupted) == metrics(out)
 
 
 def test_time_based_checkpoints_are_due_after_their_interval():

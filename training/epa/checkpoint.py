@@ -99,6 +99,32 @@ def check_resume(path: Path, fingerprint: dict, steps, accumulation: int, total_
     return step
 
 
-def load_checkpoint(accelerator, path: Path) -> None:
-    """Restore the model, optimizer, scheduler and RNG states saved at `path` (after `check_resume`)."""
-    accelerator.load_state(str(path))
+def trainable_checkpoints(accelerator) -> None:
+    """Make this run's checkpoints hold only the parameters that train (an adapter run: megabytes of adapters,
+    not the frozen base, which the model folder already holds unchanged)."""
+
+    def drop_frozen(models, weights, output_dir):
+        for i, model in enumerate(models):
+            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+            weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
+
+    accelerator.register_save_state_pre_hook(drop_frozen)
+
+
+def load_checkpoint(accelerator, path: Path, *, trainable_only: bool = False) -> None:
+    """Restore the model, optimizer, scheduler and RNG states saved at `path` (after `check_resume`).
+    trainable_only: the checkpoint holds the trainable parameters alone (`trainable_checkpoints`); every one of
+    them must be there, and nothing else."""
+    if not trainable_only:
+        accelerator.load_state(str(path))
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as saved:
+        keys = set(saved.keys())
+    model = accelerator._models[0]
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if keys != trainable:
+        raise TrainError(f"--resume {path}: the checkpoint's weights are not this run's trainable parameters "
+                         f"({len(keys - trainable)} unexpected, {len(trainable - keys)} missing)")
+    accelerator.load_state(str(path), strict=False)  # the frozen base stays as loaded from --model

@@ -15,6 +15,7 @@ import torch
 
 from epa_kernels import LOSS_OPTIONS, LOSSES, preference_loss
 from epa_kernels.transformers.prefix_sharing import PREFIX_SHARING_MODES
+from training.epa import lora
 from training.models import ATTENTION
 
 REF_MODES = ("precompute", "model", "none")
@@ -68,7 +69,11 @@ class _Parser(argparse.ArgumentParser):
     """Adds to every option its underscore spelling and its TRL names; an error is one line (the usage of this
     many options would bury it)."""
 
+    raise_errors = False  # the Python API's parser raises TrainError instead of exiting
+
     def error(self, message):
+        if self.raise_errors:
+            raise TrainError(message)
         self.exit(2, f"{self.prog}: error: {message} (--help lists every option)\n")
 
     def add_option(self, group, name, *, flag: bool = False, **kwargs):
@@ -109,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_option(m, "--filter-eps", type=float, help="gradient filtering in the LM head's backward: drop the "
                  "entries whose probability is below it (native and triton backends; approximate, e.g. 1e-5: 2.3e-3 "
                  "relative gradient error and 0.66x the time of the compiled reference on SmolLM2); default exact")
+
+    lora.add_options(p, p.add_argument_group("adapters (LoRA, with peft)"))
 
     d = p.add_argument_group("data")
     p.add_option(d, "--data", help=".jsonl/.json/.parquet/.csv file or a datasets directory")
@@ -191,8 +198,12 @@ def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
         option = f"--{key}"
         if key == "config" or option not in parser._option_string_actions:
             raise TrainError(f"--config {path}: unknown option {key!r}")
-        if isinstance(value, list | dict):
+        takes_list = parser._option_string_actions[option].nargs == "+"
+        if isinstance(value, dict) or (isinstance(value, list) and not takes_list):
             raise TrainError(f"--config {path}: {key} must be a single value, got {type(value).__name__}")
+        if isinstance(value, list):
+            words += [option, *map(str, value)]
+            continue
         words += [option, "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)]
     return words
 
@@ -202,10 +213,11 @@ def _check(condition: bool, message: str) -> None:
         raise TrainError(message)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, *, raise_errors: bool = False) -> argparse.Namespace:
     """Parse and validate: a bad option or combination exits here (status 2, argparse's message), before any
-    loading."""
+    loading; with raise_errors, it raises TrainError with that message instead."""
     parser = build_parser()
+    parser.raise_errors = raise_errors
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config = parser.parse_known_args(argv)[0].config
@@ -257,6 +269,7 @@ def validate(args) -> argparse.Namespace:
            "--attn flash_attention_2 runs in bf16 or fp16 only: add --dtype bfloat16 (or float16)")
     _check(args.prefix_sharing != "on" or args.attn != "flash_attention_2",
            "--prefix-sharing on needs attention that takes a mask (sdpa, eager, flex_attention), not flash_attention_2")
+    lora.check_options(args, _check)
     _check(args.loss != "plackett_luce" or args.num_weak == 0,
            "--loss plackett_luce ranks a prompt's own responses; weak negatives have no rank: use --num-weak 0")
     _check(args.loss != "sdpo" or args.num_weak == 0,

@@ -15,7 +15,8 @@ RESUME_KEYS = ("model", "gguf_file", "data_split", "loss", "beta", "weak_weight"
                "label_smoothing", "score_temperature", "ref", "ref_model", "max_length", "max_prompt_length",
                "max_negatives", "num_weak", "invalid_rows", "max_tokens_per_batch", "max_prompts_per_batch", "lr",
                "weight_decay", "scheduler", "warmup_ratio", "max_grad_norm", "gradient_accumulation_steps", "seed",
-               "bf16", "dtype", "disable_dropout")
+               "bf16", "dtype", "disable_dropout", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
+               "lora_target_modules", "lora_modules_to_save", "use_rslora")
 
 
 class Split:

@@ -18,13 +18,23 @@ import torch
 from epa_kernels.transformers import (
     PreferenceModel,
     ReferenceCache,
+    adapters_disabled,
     data_fingerprint,
+    disable_dropout,
     fill_reference_cache,
     model_fingerprint,
 )
 from epa_kernels.transformers.batching import plan_digest
-from training.epa.checkpoint import check_resume, crash_point, find_resume_point, load_checkpoint, save_checkpoint
-from training.epa.cli import DTYPES, loss_options
+from training.epa import lora
+from training.epa.checkpoint import (
+    check_resume,
+    crash_point,
+    find_resume_point,
+    load_checkpoint,
+    save_checkpoint,
+    trainable_checkpoints,
+)
+from training.epa.cli import DTYPES, TrainError, loss_options
 from training.epa.logs import MetricsLog, plot_curves
 from training.epa.plan import Split, choose_attention, data_report, load_split, run_fingerprint
 from training.models import load_causal_lm, load_config, load_tokenizer
@@ -93,17 +103,21 @@ def make_optimizer(wrapper, args, total_updates):
     return optimizer, scheduler
 
 
-def save_model(accelerator, wrapper, tokenizer, path: Path) -> None:
+def save_model(accelerator, wrapper, tokenizer, path: Path, merged: Path | None = None) -> None:
     """save_pretrained of the trained causal LM (full state dict gathered from DDP/FSDP shards), with `use_cache`
-    back on in its config: training turned the KV cache off, generation wants it."""
+    back on in its config: training turned the KV cache off, generation wants it. A peft model saves its adapters
+    (adapter_config.json, adapter_model.safetensors); `merged`: also the base with the adapters merged in."""
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(wrapper)
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(wrapper).model
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         model.config.use_cache = True
-        model.save_pretrained(path, state_dict=state)
+        model.save_pretrained(path, state_dict=state)  # peft keeps the adapters' entries of it
         tokenizer.save_pretrained(path)
+        if merged is not None:
+            model.merge_and_unload().save_pretrained(merged)
+            tokenizer.save_pretrained(merged)
     accelerator.wait_for_everyone()
 
 
@@ -121,11 +135,14 @@ def checkpoint_due(accelerator, args, done: int, total: int, since: float) -> bo
 def run(args) -> dict:
     """Train as the options say; returns the summary also written to OUTPUT_DIR/train_summary.json."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     started = time.perf_counter()
     # cpu=True without an accelerator: otherwise accelerate ignores torchrun's ranks on a CPU-only machine.
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=not torch.accelerator.is_available())
+    if args.use_peft and accelerator.distributed_type == DistributedType.FSDP:  # every rank stops here, together
+        raise TrainError("--use-peft under FSDP is not supported yet: train adapters with DDP (accelerate's "
+                         "MULTI_GPU/MULTI_CPU) or in one process; the adapters' memory rarely needs sharding")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
@@ -133,8 +150,13 @@ def run(args) -> dict:
     say = accelerator.print
 
     tokenizer = load_tokenizer(args.model, args.gguf_file, online=args.online)
-    attn, sharing, why_not = choose_attention(args, accelerator.device,
-                                              load_config(args.model, args.gguf_file, online=args.online))
+    config = load_config(args.model, args.gguf_file, online=args.online)
+    if args.use_peft:
+        try:
+            lora.check_targets(config, args)
+        except ValueError as error:
+            raise TrainError(str(error)) from None
+    attn, sharing, why_not = choose_attention(args, accelerator.device, config)
     if not sharing:
         say(f"prefix sharing off: {why_not}")
     train = load_split(args.data, args.data_split, tokenizer, args, world, shuffle=True, prefix_sharing=sharing)
@@ -170,37 +192,49 @@ def run(args) -> dict:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if args.disable_dropout:
+        disable_dropout(model)  # before the hash (as the reference computes); PreferenceModel does it again
+    # The reference cache is keyed by the reference's weights: with adapters, the base model's, before wrapping.
+    base_hash = model_fingerprint(model) if args.ref == "precompute" and not args.ref_model else None
+    adapters_off = args.use_peft and not args.ref_model  # the reference: this model with its adapters disabled
+    if args.use_peft:
+        model = lora.apply(model, args)
     options = dict(loss=args.loss, backend=args.backend, **loss_options(args))
     ref_model = None
-    if args.ref == "model" or (args.ref == "precompute" and args.ref_model):
+    if (args.ref == "model" and not adapters_off) or (args.ref == "precompute" and args.ref_model):
         ref_model = PreferenceModel(
             load_causal_lm(args.ref_model or args.model, args.gguf_file if not args.ref_model else None,
                            attn=args.attn, dtype=dtype, device=accelerator.device, online=args.online, masks=sharing),
             **options)
     filtering = {"filter_eps": args.filter_eps} if args.filter_eps else {}  # the policy's gradient only
     wrapper = PreferenceModel(model, ref_model=ref_model if args.ref == "model" else None,
+                              ref_adapters_off=adapters_off and args.ref == "model",
                               disable_dropout=args.disable_dropout, **options, **filtering)
 
     computed = 0
     if args.ref == "precompute":
         reference = ref_model or wrapper
-        model_hash = model_fingerprint(reference.model)  # the initial weights, before any step
-        computed = attach_reference(accelerator, args, train, steps[: total_updates * accum], reference,
-                                    model_hash, "train")
-        if evaluation:
-            computed += attach_reference(accelerator, args, evaluation, eval_steps, reference, model_hash, "eval")
+        model_hash = model_fingerprint(ref_model.model) if ref_model else base_hash  # before any step
+        with adapters_disabled(model) if adapters_off else contextlib.nullcontext():
+            computed = attach_reference(accelerator, args, train, steps[: total_updates * accum], reference,
+                                        model_hash, "train")
+            if evaluation:
+                computed += attach_reference(accelerator, args, evaluation, eval_steps, reference, model_hash,
+                                             "eval")
         say(f"reference: {computed} log-probs computed now, the others read from {train.cache.path.parent}")
         del reference, ref_model  # training holds one model
 
     optimizer, scheduler = make_optimizer(wrapper, args, total_updates)
     wrapper, optimizer = accelerator.prepare(wrapper, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us: one step per optimizer update
+    if args.use_peft:
+        trainable_checkpoints(accelerator)
 
     log = MetricsLog(out, enabled=accelerator.is_main_process)
     # A resumed run drops the records past its checkpoint (written again); a fresh one those of any earlier run.
     log.truncate_after(start if resume_path else -1)
     if resume_path:
-        load_checkpoint(accelerator, resume_path)
+        load_checkpoint(accelerator, resume_path, trainable_only=args.use_peft)
         say(f"resumed from {resume_path} at update {start}")
 
     bar = progress_bar(accelerator, args, total=total_updates, initial=start, desc="training")
@@ -255,7 +289,8 @@ def run(args) -> dict:
     if final_eval is not None:
         log.write({"split": "eval", "step": total_updates, **final_eval})
     log.close()
-    save_model(accelerator, wrapper, tokenizer, out / "model")
+    save_model(accelerator, wrapper, tokenizer, out / "model",
+               merged=out / "merged-model" if args.merge_adapter else None)
     summary = {"updates": total_updates, "resumed_from": start, "train": last, "eval": final_eval,
                "data": data_record, "weak_negatives_per_prompt": sum(weak_drawn) / len(weak_drawn),
                "reference_logps_computed": computed, "seconds": time.perf_counter() - started,

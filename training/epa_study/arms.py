@@ -20,6 +20,11 @@ ARMS = {
     "epa-k5-w8": Arm("train_multi.jsonl", ("--loss", "epa", "--num-weak", "8"), "EPA, K = 5, W = 8 (α = 1)"),
     "epa-k5-w8-a0.5": Arm("train_multi.jsonl", ("--loss", "epa", "--num-weak", "8", "--weak-weight", "0.5"),
                           "EPA, K = 5, W = 8, α = 0.5"),
+    # Not in the default arms: LoRA adapters learn at their own rate, so this arm runs in its own study folder with
+    # its own --lr (docs/training.md, LoRA adapters).
+    "epa-k5-w2-lora": Arm("train_multi.jsonl", ("--loss", "epa", "--num-weak", "2", "--use-peft"),
+                          "EPA, K = 5, W = 2, LoRA adapters (r = 16, all linear layers)"),
 }
+DEFAULT_ARMS = [arm for arm in ARMS if not arm.endswith("-lora")]
 BASELINE = "dpo-pairs"
 GOLD = "training.review_data:gold_reward"

