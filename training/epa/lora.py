@@ -103,6 +103,8 @@ def apply(model, args):
     target = args.lora_target_modules
     config = LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, target_modules=target[0] if target == [ALL_LINEAR] else target,
-                        modules_to_save=args.lora_modules_to_save, use_rslora=args.use_rslora,
-                        base_model_name_or_path=base_model_spec(args.model, args.gguf_file))
-    return get_peft_model(model, config)
+                        modules_to_save=args.lora_modules_to_save, use_rslora=args.use_rslora)
+    model = get_peft_model(model, config)
+    # After wrapping: peft sets it from the model's own (relative, GGUF-less) name_or_path.
+    model.peft_config["default"].base_model_name_or_path = base_model_spec(args.model, args.gguf_file)
+    return model
