@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from epa_kernels.ops import triton_logprobs as kernels
+from epa_kernels.provenance import environment
 
 # Compute capability of each target; sm_90 compiles as sm_90a (wgmma, TMA).
 TARGETS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90a": 90}
@@ -254,15 +255,15 @@ def report(variants, targets) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    import triton
+def markdown(rows: list[dict], env: dict) -> str:
 
     lines = ["| variant | tile | target | registers | stack (spill) B | shared KiB | fits the block limit |",
              "|---|---|---|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['tile']} | {r['target']} | {r['registers']} | {r['stack_bytes']} | "
                      f"{r['shared_bytes'] / 1024:.0f} | {'yes' if r['fits'] else 'NO'} |")
-    lines += ["", f"Triton {triton.__version__}, compiled ahead of time without a GPU; cuobjdump -res-usage."]
+    lines += ["", f"Triton {env['triton']}, commit {env['commit']}, {env['date']}; compiled ahead of time without a "
+                  "GPU; cuobjdump -res-usage."]
     return "\n".join(lines)
 
 
@@ -279,12 +280,13 @@ def main(argv=None) -> int:
     if not variants:
         parser.error(f"no variant matches {args.variants}; names: {[v.name for v in candidates]}")
     rows = report(variants, args.targets)
-    table = markdown(rows)
+    env = environment("cpu")  # the Triton version and commit the figures depend on
+    table = markdown(rows, env)
     print(table)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(rows, indent=1))
+        (out / "results.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
         (out / "results.md").write_text(table + "\n")
     return 0
 

@@ -19,7 +19,10 @@ def run_report(tmp_path, *args):
     done = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", *args, "--out", str(tmp_path)],
                           capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((tmp_path / "results.json").read_text())
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["environment"]["triton"] == triton.__version__ and record["environment"]["commit"]
+    assert f"Triton {triton.__version__}, commit " in (tmp_path / "results.md").read_text()
+    return record["rows"]
 
 
 def check(rows):
