@@ -1,8 +1,10 @@
-"""The EPA study: its data (a gold reward that depends on the prompt), the evaluation's KL estimate, and the study
-program end to end on a tiny model (resume, setting check, report)."""
+"""The EPA study: its data (a gold reward that depends on the prompt, and the control's that does not; the rescoring
+of existing answers), the evaluation's KL estimate, and the study program end to end on a tiny model (resume,
+setting check, report)."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +39,155 @@ def test_gold_reward_is_signed_sentiment_minus_the_off_subject_penalty():
     assert rd.gold_reward(negative, "I hate dogs.") == 1.5 - rd.OFF_SUBJECT_PENALTY
     assert rd.gold_reward(rd.conversation(negative), "Cats.") == 0.0  # messages are read like the user text
     assert rd.names_subject("The tower was tall", "the Eiffel Tower") and not rd.names_subject("Nice.", "the Louvre")
+
+
+def test_sentiment_reward_ignores_the_prompt():
+    answers = ("I love my cat.", "I love cats, they are wonderful.", "I hate dogs.", "Opera.")
+    prompts = [rd.make_prompt(t, p, s) for t in (0, 1) for p in rd.POLARITIES for s in ("cats", "opera")]
+    for answer, expected in zip(answers, (1.5, 3.0, -1.5, 0.0), strict=True):  # AFINN / 2, clipped to ±3
+        assert {rd.sentiment_reward(p, answer) for p in prompts} == {expected}
+    assert rd.sentiment_reward(rd.conversation(prompts[0]), "I hate dogs.") == -1.5
+    with pytest.raises(ValueError, match="not a review prompt"):
+        rd.sentiment_reward("What is the capital of France?", "Paris.")
+
+
+def test_weak_negative_gap_against_own_and_own_rejected_answers():
+    prompts = [rd.make_prompt(0, "positive", "cats"), rd.make_prompt(0, "negative", "opera")]
+    answers = [["I love cats.", "Cats."], ["Opera is awful.", "Opera."]]
+    # prompt gold: own 1.5, 0 | 1.5, 0; rejected (all but the best) 0 | 0; each under the other prompt: off subject,
+    # the other polarity: −1.5 − 2, 0 − 2 | −1.5 − 2, 0 − 2
+    gap = rd.weak_negative_gap(prompts, answers, SEED, others=1)
+    assert gap == {"own_mean": 0.75, "other_prompts_mean": -2.75, "gap": 3.5, "other_prompts_sampled": 1,
+                   "own_rejected_mean": 0.0, "gap_vs_rejected": 2.75}
+    # sentiment gold: own 1.5, 0 | −1.5, 0 (best: "Opera.", rejected −1.5); other prompts' the same values
+    gap = rd.weak_negative_gap(prompts, answers, SEED, others=1, gold=rd.sentiment_reward)
+    assert (gap["own_mean"], gap["other_prompts_mean"], gap["own_rejected_mean"]) == (0.0, 0.0, -0.75)
+    assert gap["gap"] == 0.0 and gap["gap_vs_rejected"] == -0.75
+    with pytest.raises(ValueError, match="≥ 2 prompts"):
+        rd.weak_negative_gap(prompts[:1], answers[:1], SEED)
+
+
+def test_the_study_evaluates_with_the_gold_each_variant_trained_on():
+    from importlib import import_module
+
+    from training.epa_study.arms import GOLD
+
+    assert set(GOLD) == set(rd.GOLDS) == set(rd.GOLD_DESCRIPTIONS)
+    for name, spec in GOLD.items():
+        module, function = spec.split(":")
+        assert getattr(import_module(module), function) is rd.GOLDS[name]
+        assert rd.GOLD_DESCRIPTIONS[name].startswith(spec)
+
+
+RECORD = Path(__file__).resolve().parents[1] / "benchmarks/results/2026-12-04_cpu_epa-study/study/data"
+
+
+@pytest.mark.skipif(not RECORD.is_dir(), reason="the recorded EPA study is not in this checkout")
+def test_rescoring_the_recorded_answers_with_their_gold_reproduces_them(tmp_path):
+    meta = rd.rescore(RECORD, tmp_path, "prompt")
+    for name in ("responses.jsonl", "eval.jsonl"):  # every gold value and score, to the byte
+        assert (tmp_path / name).read_bytes() == (RECORD / name).read_bytes(), name
+    recorded = json.loads((RECORD / "meta.json").read_text())
+    assert meta["gold"] == recorded["gold"] and meta["gold_reward"] == recorded["gold_reward"]
+    gap = meta["weak_negative_gap"]
+    assert {k: gap[k] for k in recorded["weak_negative_gap"]} == recorded["weak_negative_gap"]
+    assert gap["own_rejected_mean"] < gap["own_mean"] and gap["gap_vs_rejected"] > 0  # weak negatives are worse
+    assert rd.gap_of(RECORD, "prompt") == gap
+    # the control on the same answers: each answer's gold is the same under every prompt, so other prompts' answers
+    # are as good as the prompt's own, and better than its rejected ones
+    gap = rd.rescore(RECORD, tmp_path / "sentiment", "sentiment")["weak_negative_gap"]
+    assert abs(gap["gap"]) < 0.05 and gap["gap_vs_rejected"] < -0.1
+    other = rd.make_prompt(0, "negative", "pigeons")
+    for r in rd.read_records(tmp_path / "sentiment" / "responses.jsonl")[::50]:
+        assert r["gold"] == [rd.sentiment_reward(other, t) for t in r["responses"]]
+
+
+@pytest.fixture(scope="module")
+def generated(workdir, tmp_path_factory):
+    """A data folder written by the generator (tiny model): 6 training and 4 held-out prompts, 3 answers each."""
+    out = tmp_path_factory.mktemp("review-data") / "data"
+    assert rd.main(["--out", str(out), "--model", str(workdir / "model"), "--limit-train", "6",
+                    "--num-eval-subjects", "1", "--responses-per-prompt", "3", "--max-new-tokens", "4"]) == 0
+    return out
+
+
+def test_rescore_reproduces_the_generator_and_scores_the_control(generated, tmp_path):
+    files = ["responses.jsonl", "eval.jsonl", "train_pairs.jsonl", "train_multi.jsonl", "train_ranked.jsonl"]
+    meta = rd.rescore(generated, tmp_path / "prompt", "prompt")
+    for name in files:
+        assert (tmp_path / "prompt" / name).read_bytes() == (generated / name).read_bytes(), name
+    made = json.loads((generated / "meta.json").read_text())
+    changed = {k for k in made if made[k] != meta[k]}
+    assert changed == {"options"} and meta["options"] == {**made["options"], "out": str(tmp_path / "prompt")}
+    assert meta["rescored"]["from"] == str(generated)
+
+    meta = rd.rescore(generated, tmp_path / "sentiment", "sentiment")
+    records = rd.read_records(tmp_path / "sentiment" / "responses.jsonl")
+    assert [r["responses"] for r in records] == [r["responses"] for r in rd.read_records(generated / "responses.jsonl")]
+    other = rd.make_prompt(1, "negative", "the Eiffel Tower")
+    for r in records:  # the prompt-independent value, under this prompt or any other
+        assert r["gold"] == [rd.sentiment_reward(other, t) for t in r["responses"]]
+    held_out = {r["prompt"]: r for r in records if r["split"] == "eval"}
+    for row in (json.loads(line) for line in (tmp_path / "sentiment" / "eval.jsonl").read_text().splitlines()):
+        answers = [c[0]["content"] for c in row["completions"]]
+        assert row["scores"] == [rd.sentiment_reward(other, t) for t in answers]
+        assert set(answers) <= set(held_out[row["prompt"][-1]["content"]]["responses"])
+    train = [r for r in records if r["split"] == "train"]
+    assert meta["weak_negative_gap"] == rd.weak_negative_gap([r["prompt"] for r in train],
+                                                             [r["responses"] for r in train], made["seed"],
+                                                             gold=rd.sentiment_reward)
+    assert meta["gold_reward"].startswith("training.review_data:sentiment_reward")
+    assert rd.gap_of(tmp_path / "sentiment", "sentiment") == meta["weak_negative_gap"]
+    for args, message in (((generated, generated, "prompt"), "another folder"), ((generated, tmp_path, "x"), "one of"),
+                          ((tmp_path, tmp_path / "y", "prompt"), "not a finished"),
+                          ((generated, tmp_path / "z", "prompt", 0.0), "bt_scale")):
+        with pytest.raises(rd.DemoDataError, match=message):
+            rd.rescore(*args)
+
+
+def test_a_study_takes_another_folders_answers_under_its_gold(generated, tmp_path, capsys):
+    from training.epa_study.study import Study, main, parse_args
+
+    options = ["--limit-train", "6", "--num-eval-subjects", "1", "--responses-per-prompt", "3", "--max-new-tokens",
+               "4", "--model", json.loads((generated / "meta.json").read_text())["options"]["model"]]
+    out = tmp_path / "epa-study-sentiment"
+    argv = ["--out", str(out), "--gold", "sentiment", "--answers-from", str(generated), *options]
+    assert main([*argv, "--dry-run", "--seeds", "0", "--arms", "epa-k5"]) == 0
+    printed = capsys.readouterr().out
+    assert f"== data: -m training.review_data --out {out / 'data'} --answers-from {generated} --gold sentiment" \
+        in printed and "--gold-reward training.review_data:sentiment_reward" in printed
+    study = Study(parse_args(argv))
+    study.check_setting()
+    (study.base).mkdir(parents=True)
+    (study.base / "config.json").write_text("{}")  # the base model is not this test's business
+    study.prepare()
+    rd.rescore(generated, tmp_path / "expected", "sentiment")
+    for name in ("responses.jsonl", "eval.jsonl"):
+        assert (out / "data" / name).read_bytes() == (tmp_path / "expected" / name).read_bytes()
+    with pytest.raises(SystemExit):
+        parse_args([*argv, "--max-new-tokens", "5"])
+    assert "answers made with other options (max_new_tokens: 4 there, 5 here)" in capsys.readouterr().err
+
+
+def test_a_folder_holds_one_gold_variant(tmp_path):
+    from training.epa_study.archive import restore
+    from training.epa_study.study import SETTING, Study, parse_args
+
+    legacy = tmp_path / "legacy"  # a study made before --gold: it was the prompt gold
+    legacy.mkdir()
+    args = parse_args([])
+    (legacy / "study.json").write_text(json.dumps({"setting": {k: getattr(args, k) for k in SETTING if k != "gold"}}))
+    Study(parse_args(["--out", str(legacy)])).check_setting()
+    with pytest.raises(SystemExit, match="another setting .*gold: prompt → sentiment"):
+        Study(parse_args(["--out", str(legacy), "--gold", "sentiment"])).check_setting()
+    new = tmp_path / "new"
+    Study(parse_args(["--out", str(new)])).check_setting()
+    assert json.loads((new / "study.json").read_text())["setting"]["gold"] == "prompt"
+    assert restore(legacy, new) == 0  # the same setting, written before and after --gold
+    sentiment = tmp_path / "sentiment"
+    Study(parse_args(["--out", str(sentiment), "--gold", "sentiment"])).check_setting()
+    with pytest.raises(SystemExit, match="another setting"):
+        restore(legacy, sentiment)
 
 
 def test_redraw_draws_other_preferences_from_the_same_answers(tmp_path):
@@ -138,7 +289,7 @@ def study(out, model, *extra):
 
 
 def test_study_end_to_end_resumes_and_refuses_another_setting(workdir, tmp_path):
-    out = tmp_path / "study"
+    out = tmp_path / "epa-study"  # the record is named after it
     first = study(out, workdir / "model", "--record", str(tmp_path / "record"))
     assert first.returncode == 0, first.stderr[-3000:]
     summary = (out / "summary.md").read_text()

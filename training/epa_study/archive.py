@@ -6,11 +6,23 @@ Each seed's preferences are not kept: `review_data.redraw` draws them again, ide
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 DATA = ("responses.jsonl", "eval.jsonl", "meta.json")
 RUN = ("train_summary.json", "timing.json", "metrics.jsonl", "eval")  # a run is finished when eval/ holds its result
+# Settings added after studies were recorded, and the value every older study folder had.
+SETTING_ADDED = {"gold": "prompt"}
+
+
+def read_setting(out: Path) -> dict:
+    """The setting of a study folder or archive (study.json), with SETTING_ADDED's values where an older one lacks
+    them."""
+    path = Path(out) / "study.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {out} is not an EPA study folder (no study.json)")
+    return {**SETTING_ADDED, **json.loads(path.read_text())["setting"]}
 
 
 def portable_files(out: Path) -> list[Path]:
@@ -46,7 +58,7 @@ def restore(archived: Path, out: Path) -> int:
     archived, out = Path(archived), Path(out)
     if not (archived / "study.json").exists():
         raise SystemExit(f"error: --restore {archived}: not a study archive (no study.json)")
-    if (out / "study.json").exists() and (out / "study.json").read_text() != (archived / "study.json").read_text():
+    if (out / "study.json").exists() and read_setting(out) != read_setting(archived):
         raise SystemExit(f"error: --restore {archived}: {out} holds a study with another setting; use another --out")
     copied = 0
     for path in sorted(p for p in archived.rglob("*") if p.is_file()):

@@ -1,5 +1,5 @@
 """The EPA study's definitions: its arms (training file and loss options each), the baseline every arm is paired
-against, and the gold reward the held-out prompts are judged by."""
+against, and the gold reward (per gold variant, `--gold`) the held-out prompts are judged by."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,4 +27,5 @@ ARMS = {
 }
 DEFAULT_ARMS = [arm for arm in ARMS if not arm.endswith("-lora")]
 BASELINE = "dpo-pairs"
-GOLD = "training.review_data:gold_reward"
+# --gold → the evaluation's --gold-reward: the same function training.review_data scores the variant's answers with
+GOLD = {"prompt": "training.review_data:gold_reward", "sentiment": "training.review_data:sentiment_reward"}

@@ -1,7 +1,8 @@
 """The EPA study's report: every arm against DPO-on-pairs, and the contrasts that set the defaults (EPA against DPO
 on the same data, weak negatives added, their weight), paired by seed, with Student's t interval.
 
-summary.md (conditions, the per-arm means, the paired tables, what each interval shows, wall time per arm),
+summary.md (conditions, the per-arm means, the paired tables, what each interval shows, wall time and threads per
+arm; arms may have run different seeds: each pair uses the seeds both arms finished),
 results.json (every run's numbers, the environment), curves.png (training loss and accuracy), scatter.png (centred
 implicit against centred gold reward on the held-out prompts) and intervals.png (the paired differences); a record
 also keeps the study's portable part (`archive.py`), from which the report is re-derived or the study resumed.
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from epa_kernels.provenance import environment
-from training.epa_study.archive import archive
+from training.epa_study.archive import archive, read_setting
 from training.epa_study.arms import ARMS, BASELINE
 from training.paired import paired_interval
 
@@ -52,16 +53,37 @@ def collect(out: Path, arms, seeds) -> dict[str, dict[int, dict]]:
     return runs
 
 
-def _mean(values) -> float | None:
+def mean_of(values) -> float | None:
+    """The mean of the finite values (None and NaN left out); None when none is."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     return sum(values) / len(values) if values else None
 
 
-def _cell(value, digits=3) -> str:
+def cell(value, digits=3) -> str:
+    """A table cell: the value to `digits` decimals, "—" for None."""
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _interval(iv) -> str:
+def seed_list(seeds) -> str:
+    """"0–7" for a run of consecutive seeds, "0, 2, 5" otherwise."""
+    seeds = sorted(seeds)
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}–{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def minutes(values) -> float | None:
+    """Mean wall minutes of one run (training + evaluation) over the runs' values."""
+    total = mean_of((v.get("train_seconds") or 0) + (v.get("evaluate_seconds") or 0) for v in values)
+    return None if total is None else total / 60
+
+
+def threads(values) -> str:
+    """The OMP_NUM_THREADS the runs had, "/"-joined (None: not recorded)."""
+    return "/".join(sorted({str(v.get("threads")) for v in values})) or "—"
+
+
+def interval_cell(iv) -> str:
     """mean [low, high], bold when the interval excludes 0; the mean alone from one seed."""
     if iv is None:
         return "—"
@@ -71,8 +93,10 @@ def _interval(iv) -> str:
     return f"**{text}**" if iv.verdict != "no difference shown" else text
 
 
-# What sets the defaults: the loss on the same data, weak negatives added to EPA, and their weight.
-CONTRASTS = (("epa-k5", "dpo-k5"), ("epa-k5-w2", "epa-k5"), ("epa-k5-w8", "epa-k5"), ("epa-k5-w8-a0.5", "epa-k5-w8"))
+# What sets the defaults: the loss on the same data, weak negatives added to EPA (against EPA and DPO on the same
+# strong negatives), and their weight.
+CONTRASTS = (("epa-k5", "dpo-k5"), ("epa-k5-w2", "dpo-k5"), ("epa-k5-w2", "epa-k5"), ("epa-k5-w8", "epa-k5"),
+             ("epa-k5-w8-a0.5", "epa-k5-w8"))
 
 
 def paired_metrics(runs, arm: str, against: str) -> dict[str, object]:
@@ -98,15 +122,18 @@ def contrast_rows(runs) -> dict[str, dict[str, object]]:
 
 
 def tables(runs, paired, contrasts) -> str:
-    head = "| arm | seeds | updates | " + " | ".join(label for _, label, _ in METRICS) + " | train s | eval s |"
-    lines = ["**Means over seeds**", "", head, "|---|---:|---:|" + "---:|" * (len(METRICS) + 2)]
+    head = ("| arm | seeds | updates | " + " | ".join(label for _, label, _ in METRICS)
+            + " | train s | eval s | minutes per run | threads |")
+    lines = ["**Means over seeds**", "", head, "|---|---:|---:|" + "---:|" * (len(METRICS) + 3) + "---|"]
     for arm, by_seed in runs.items():
         values = list(by_seed.values())
-        cells = [_cell(_mean(v.get(key) for v in values)) for key, _, _ in METRICS]
+        cells = [cell(mean_of(v.get(key) for v in values)) for key, _, _ in METRICS]
         updates = sorted({v["updates"] for v in values})
-        lines.append(f"| {arm} | {len(values)} | {'/'.join(map(str, updates)) or '—'} | " + " | ".join(cells)
-                     + f" | {_cell(_mean(v.get('train_seconds') for v in values), 0)} | "
-                       f"{_cell(_mean(v.get('evaluate_seconds') for v in values), 0)} |")
+        seeds = f"{len(values)} ({seed_list(by_seed)})" if values else "0"
+        lines.append(f"| {arm} | {seeds} | {'/'.join(map(str, updates)) or '—'} | "
+                     + " | ".join(cells) + f" | {cell(mean_of(v.get('train_seconds') for v in values), 0)} | "
+                     f"{cell(mean_of(v.get('evaluate_seconds') for v in values), 0)} | {cell(minutes(values), 1)} | "
+                     f"{threads(values)} |")
     if paired:
         lines += ["", f"**Difference from {BASELINE}, paired by seed: mean [95% t interval]** (bold: the interval "
                       "excludes 0)", "", "| arm | seeds | " + " | ".join(label for _, label, _ in METRICS) + " |",
@@ -121,7 +148,7 @@ def tables(runs, paired, contrasts) -> str:
 def _paired_table(paired) -> list[str]:
     lines = []
     for name, metrics in paired.items():
-        cells = [_interval(metrics.get(key)) for key, _, _ in METRICS]
+        cells = [interval_cell(metrics.get(key)) for key, _, _ in METRICS]
         seeds = max((iv.n for iv in metrics.values()), default=0)
         lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
     return lines
@@ -135,24 +162,19 @@ def headline(runs, paired, contrasts) -> str:
     the headline metrics, with the wall time of one run of the arm (training + evaluation)."""
     labels = {key: label for key, label, _ in METRICS}
     base = list(runs.get(BASELINE, {}).values())
-
-    def minutes(values):
-        total = _mean((v.get("train_seconds") or 0) + (v.get("evaluate_seconds") or 0) for v in values)
-        return _cell(None if total is None else total / 60, 1)
-
     lines = ["| arm | seeds | " + " | ".join(labels[k] for k in HEADLINE) + " | minutes per run |",
              "|---|---:|" + "---:|" * (len(HEADLINE) + 1)]
     if base:
-        lines.append(f"| {BASELINE} (value) | {len(base)} | " + " | ".join(_cell(_mean(v.get(k) for v in base))
-                                                                      for k in HEADLINE) + f" | {minutes(base)} |")
+        means = [cell(mean_of(v.get(k) for v in base)) for k in HEADLINE]
+        lines.append(f"| {BASELINE} (value) | {len(base)} | " + " | ".join(means) + f" | {cell(minutes(base), 1)} |")
     arms = {f"{arm} − {other}": arm for arm, other in CONTRASTS}  # the arm whose run time a contrast shows
     rows = {**{f"{arm} − {BASELINE}": m for arm, m in paired.items()}, **contrasts}
     arms.update({f"{arm} − {BASELINE}": arm for arm in paired})
     for name, metrics in rows.items():
-        cells = [_interval(metrics.get(key)) for key in HEADLINE]
+        cells = [interval_cell(metrics.get(key)) for key in HEADLINE]
         seeds = max((iv.n for iv in metrics.values()), default=0)
         arm = arms[name]
-        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {minutes(runs[arm].values())} |")
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {cell(minutes(runs[arm].values()), 1)} |")
     return "\n".join(lines)
 
 
@@ -245,7 +267,8 @@ def plot(out: Path, runs, paired) -> None:
 
 
 def write_report(out: Path, arms, seeds, *, record: str | None = None) -> str:
-    """Write the report for the finished runs; returns summary.md's text."""
+    """Write the report for the finished runs; returns summary.md's text. record: also copy it, with the study's
+    portable part, into RECORD/DATE_cpu_NAME (NAME: the study folder's)."""
     out = Path(out)
     runs = collect(out, arms, seeds)
     if not any(runs.values()):
@@ -253,23 +276,27 @@ def write_report(out: Path, arms, seeds, *, record: str | None = None) -> str:
     # Arms against the baseline where it ran; the contrasts between arms need only their two arms.
     paired = paired_rows(runs) if runs.get(BASELINE) else {}
     contrasts = contrast_rows(runs)
-    setting = json.loads((out / "study.json").read_text())["setting"]
+    setting = read_setting(out)
     meta = json.loads((out / "data" / "meta.json").read_text())
     env = environment(torch.device("cpu"))
     gap = meta["weak_negative_gap"]
+    rejected = (f", its own rejected answers (all but its best) {gap['own_rejected_mean']:.2f}"
+                if "own_rejected_mean" in gap else "")  # data made before the field
+    seed_sets = {seed_list(by_seed) for by_seed in runs.values() if by_seed}
+    seeds = (seed_sets.pop() if len(seed_sets) == 1 else
+             "; ".join(f"{arm} {seed_list(by_seed)}" for arm, by_seed in runs.items() if by_seed))
     conditions = (
         f"{env['device']}; torch {env['torch']}; transformers {env.get('transformers')}; commit {env['commit']}; "
         f"{env['date']}. SmolLM2-135M-Instruct; {meta['rows']['train_multi.jsonl']} training prompts (of "
         f"{meta['prompts']['train']}) and {meta['rows']['eval.jsonl']} held-out prompts on unseen subjects, "
-        f"{setting['responses_per_prompt']} sampled answers each; gold = {meta['gold_reward']}; a prompt's own "
-        f"answers score {gap['own_mean']:.2f} on average, other prompts' answers under it "
+        f"{setting['responses_per_prompt']} sampled answers each; gold ({setting['gold']}) = {meta['gold_reward']}; "
+        f"a prompt's own answers score {gap['own_mean']:.2f} on average{rejected}, other prompts' answers under it "
         f"{gap['other_prompts_mean']:.2f}. "
         f"β = {setting['beta']}, lr = {setting['lr']}, {setting['epochs']} epoch(s), {setting['prompts_per_update']} "
-        f"prompts per update, seeds {sorted({s for r in runs.values() for s in r})} (each seed draws its own "
-        f"preferences from the same answers and its own order and weak negatives). KL: {setting['kl_samples']} "
+        f"prompts per update, seeds {seeds} (each seed draws its own preferences from the same answers and its own "
+        f"order and weak negatives; each pair uses the seeds both arms finished). KL: {setting['kl_samples']} "
         f"policy samples per held-out prompt. Wall times: one process per run, OMP_NUM_THREADS "
-        f"{'/'.join(sorted({str(v.get('threads')) for r in runs.values() for v in r.values()}))} "
-        f"(None: not recorded).")
+        f"{threads(v for r in runs.values() for v in r.values())} (None: not recorded).")
     waiting = [arm for arm, by_seed in runs.items() if not by_seed]
     status = f"Not finished yet (rerun the study to resume): {', '.join(waiting)}." if waiting else ""
     parts = [tables(runs, paired, contrasts), "**What the intervals show**", verdict(paired, contrasts), status,
@@ -284,7 +311,8 @@ def write_report(out: Path, arms, seeds, *, record: str | None = None) -> str:
     plot(out, runs, paired)
     print(text)
     if record:
-        folder = Path(record) / f"{time.strftime('%Y-%m-%d')}_cpu_epa-study"
+        # named after the study folder: studies of other settings (β, gold) recorded the same day keep their own
+        folder = Path(record) / f"{time.strftime('%Y-%m-%d')}_cpu_{out.resolve().name}"
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("summary.md", "results.json", "curves.png", "scatter.png", "intervals.png"):
             if (out / name).exists():

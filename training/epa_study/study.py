@@ -2,7 +2,10 @@
 
 Steps (one process each, the programs a user would run):
 1. `python -m training.review_data` once: prompts asking for a positive or negative review of a named subject,
-   6 answers each from SmolLM2-135M-Instruct, a gold reward that depends on the prompt;
+   6 answers each from SmolLM2-135M-Instruct, a gold reward that depends on the prompt (`--gold prompt`) or, the
+   control, only on the answer's sentiment (`--gold sentiment`); with `--answers-from`, another study's answers
+   rescored under this study's gold instead of generated (`review_data.rescore`: the variants differ in the gold
+   alone);
 2. the base model saved once as a plain transformers folder (policy start and reference of every run);
 3. per seed s: preferences drawn again from the same answers under s (`review_data.redraw`), then per arm
    `python -m training.epa` (same prompts, updates, lr and β for every arm; reference log-probs cached on disk
@@ -21,12 +24,17 @@ import sys
 import time
 from pathlib import Path
 
+from training.epa_study.archive import read_setting
 from training.epa_study.arms import ARMS, BASELINE, DEFAULT_ARMS, GOLD
 from training.epa_study.report import write_report
 
 # Options that change what a run computes: a study folder holds runs of one setting only.
 SETTING = ("model", "num_eval_subjects", "limit_train", "responses_per_prompt", "max_new_tokens", "bt_scale",
-           "data_seed", "beta", "lr", "epochs", "prompts_per_update", "prompts_per_microbatch", "bf16", "kl_samples")
+           "data_seed", "gold", "beta", "lr", "epochs", "prompts_per_update", "prompts_per_microbatch", "bf16",
+           "kl_samples")
+# The setting's part that decides the sampled answers, and its name in review_data's meta.json options.
+ANSWERS = {"model": "model", "num_eval_subjects": "num_eval_subjects", "limit_train": "limit_train",
+           "responses_per_prompt": "responses_per_prompt", "max_new_tokens": "max_new_tokens", "data_seed": "seed"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length, generation and evaluation")
     p.add_argument("--bt-scale", type=float, default=1.0, help="Bradley–Terry scale of the gold reward")
     p.add_argument("--data-seed", type=int, default=0, help="seeds the subject split and the sampled answers")
+    p.add_argument("--gold", choices=list(GOLD), default="prompt",
+                   help="the gold reward of training and evaluation: 'prompt' (the requested polarity, the subject "
+                        "named) or 'sentiment' (the control: the answer's sentiment whatever the prompt asked)")
+    p.add_argument("--answers-from", help="a finished data folder (another study's data/, a record's study/data) "
+                   "whose answers this study scores under --gold instead of generating its own; its generation "
+                   "options must be this study's")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--epochs", type=int, default=1)
@@ -58,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bf16 autocast in training, fp32 weights (1.5x faster than fp32 on a bf16 CPU)")
     p.add_argument("--kl-samples", type=int, default=2, help="policy samples per held-out prompt for the KL")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs of --arms × "
+                   "--seeds (an arm may have finished fewer seeds: dpo-pairs 0–2 beside the others' 0–7)")
     args = p.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds must be distinct, got {args.seeds}")
@@ -72,6 +88,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.kl_samples < 0:
         p.error(f"--kl-samples must be ≥ 0, got {args.kl_samples}")
+    if args.answers_from:
+        meta = Path(args.answers_from) / "meta.json"
+        if not (meta.is_file() and (meta.parent / "responses.jsonl").is_file()):
+            p.error(f"--answers-from {args.answers_from}: not a finished training.review_data folder (no "
+                    "meta.json and responses.jsonl)")
+        made = json.loads(meta.read_text())["options"]
+        differ = [f"{name}: {made.get(key)} there, {getattr(args, name)} here" for name, key in ANSWERS.items()
+                  if made.get(key) != getattr(args, name)]
+        if differ:
+            p.error(f"--answers-from {args.answers_from}: answers made with other options ({'; '.join(differ)})")
     return args
 
 
@@ -87,7 +113,7 @@ class Study:
         setting = {name: getattr(self.args, name) for name in SETTING}
         path = self.out / "study.json"
         if path.exists():
-            old = json.loads(path.read_text())["setting"]
+            old = read_setting(self.out)
             changed = [f"{k}: {old.get(k)} → {v}" for k, v in setting.items() if old.get(k) != v]
             if changed:
                 raise SystemExit(f"error: {self.out} holds a study with another setting ({'; '.join(changed)}); "
@@ -108,8 +134,11 @@ class Study:
 
     def prepare(self) -> None:
         a = self.args
-        if not (self.data / "responses.jsonl").exists():
-            self.run("data", "training.review_data", "--out", str(self.data), "--model", a.model,
+        if not (self.data / "responses.jsonl").exists() and a.answers_from:
+            self.run("data", "training.review_data", "--out", str(self.data), "--answers-from", a.answers_from,
+                     "--gold", a.gold, "--bt-scale", str(a.bt_scale))
+        elif not (self.data / "responses.jsonl").exists():
+            self.run("data", "training.review_data", "--out", str(self.data), "--gold", a.gold, "--model", a.model,
                      "--num-eval-subjects", str(a.num_eval_subjects), "--responses-per-prompt",
                      str(a.responses_per_prompt), "--max-new-tokens", str(a.max_new_tokens), "--bt-scale",
                      str(a.bt_scale), "--seed", str(a.data_seed),
@@ -153,9 +182,10 @@ class Study:
         timing["threads"] = os.environ.get("OMP_NUM_THREADS", "torch default")
         timing["evaluate"] = self.run(
             f"evaluate {arm}, seed {seed}", "training.evaluate", "--policy", str(folder / "model"), "--reference",
-            str(self.base), "--data", str(self.data / "eval.jsonl"), "--gold-reward", GOLD, "--max-length", "256",
-            "--max-new-tokens", str(a.max_new_tokens), "--kl-samples", str(a.kl_samples), "--output",
-            str(folder / "eval"), "--seed", "0", "--reference-cache", str(self.out / "eval-reference-cache"))
+            str(self.base), "--data", str(self.data / "eval.jsonl"), "--gold-reward", GOLD[a.gold],
+            "--max-length", "256", "--max-new-tokens", str(a.max_new_tokens), "--kl-samples", str(a.kl_samples),
+            "--output", str(folder / "eval"), "--seed", "0", "--reference-cache",
+            str(self.out / "eval-reference-cache"))
         if not a.dry_run:
             timing_path.write_text(json.dumps(timing) + "\n")
 
@@ -167,7 +197,12 @@ def main(argv=None) -> int:
         from training.epa_study.archive import restore
 
         print(f"restored {restore(args.restore, study.out)} files from {args.restore}", flush=True)
+    if args.report_only and not (study.out / "study.json").exists():
+        raise SystemExit(f"error: --report-only: {study.out} holds no study (no study.json)")
     study.check_setting()
+    if args.report_only:
+        write_report(study.out, args.arms, args.seeds, record=args.record)
+        return 0
     study.prepare()
     for seed in args.seeds:
         for arm in args.arms:
