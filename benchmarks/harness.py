@@ -35,6 +35,7 @@ from benchmarks import activations
 from benchmarks.peers import peer_implementations
 from epa_kernels import fused_linear_preference_loss, make_groups, preference_loss, reference
 from epa_kernels.logprobs import FILTERING_BACKENDS
+from epa_kernels.ops.gemm_plan import DEFAULT_MEMORY_BUDGET
 
 CASE_PATTERN = re.compile(r"^(logprobs|dpo|epa-1\+(\d+)(?:\+(\d+))?)$")
 SOURCES = ("random", "smollm2")  # where a case's hidden states, head and targets come from
@@ -165,18 +166,18 @@ def implementations(device: torch.device, case: Case, names=None) -> dict[str, C
     names: only these peers are set up (the reference and our backends always are: they are cheap).
 
     The reference materialises the logits (and, for loss cases, applies `preference_loss` to its
-    per-sequence log-probs: the unfused path); then come our fused backends and the peers
-    (`benchmarks/peers.py`: Liger-Kernel, Cut Cross-Entropy, TRL, the reference under torch.compile). All of them
-    apply the case's softcap.
+    per-sequence log-probs: the unfused path); then come our fused backends, the gemm backend's variants
+    (`gemm_variants`) and the peers (`benchmarks/peers.py`: Liger-Kernel, Cut Cross-Entropy, TRL, the reference
+    under torch.compile). All of them apply the case's softcap.
     """
     softcap = case.softcap
     if case.kind == "logprobs":
         def reference_fn(h, w, t, cu):
             return reference.linear_logprobs(h, w, t, cu_seqlens=cu, softcap=softcap)
 
-        def fused_fn(h, w, t, cu, backend, filter_eps=None):
+        def fused_fn(h, w, t, cu, backend, filter_eps=None, **memory):
             return epa_kernels.linear_logprobs(h, w, t, cu_seqlens=cu, softcap=softcap, backend=backend,
-                                               filter_eps=filter_eps)
+                                               filter_eps=filter_eps, **memory)
     else:
         groups, ref_logps, options = case.loss_arguments(device)
 
@@ -184,9 +185,9 @@ def implementations(device: torch.device, case: Case, names=None) -> dict[str, C
             logps = reference.linear_logprobs(h, w, t, cu_seqlens=cu, softcap=softcap)
             return preference_loss(logps, ref_logps, groups, **options)[0]
 
-        def fused_fn(h, w, t, cu, backend, filter_eps=None):
+        def fused_fn(h, w, t, cu, backend, filter_eps=None, **memory):
             return fused_linear_preference_loss(h, w, t, groups, cu_seqlens=cu, ref_logps=ref_logps, backend=backend,
-                                                softcap=softcap, filter_eps=filter_eps, **options)[0]
+                                                softcap=softcap, filter_eps=filter_eps, **memory, **options)[0]
 
     impls: dict[str, Callable | str] = {"reference": reference_fn}
     for name, info in epa_kernels.backends().items():
@@ -199,6 +200,9 @@ def implementations(device: torch.device, case: Case, names=None) -> dict[str, C
             reason = info.detail if not info.available else (
                 f"needs CUDA tensors (device: {device.type})" if name == "triton" else "runs on CPU tensors only")
             impls[name] = f"skipped: {reason}"
+    for name, memory in gemm_variants(case).items():
+        impls[name] = impls["gemm"] if isinstance(impls["gemm"], str) else functools.partial(
+            fused_fn, backend="gemm", **memory)
     for name in names or ():  # gradient-filtering variants, "backend@eps"
         if FILTER_SEP in name:
             backend, eps = filter_variant(name)
@@ -207,6 +211,14 @@ def implementations(device: torch.device, case: Case, names=None) -> dict[str, C
                                                                                filter_eps=eps)
     impls.update(peer_implementations(device, case, names))
     return impls
+
+
+def gemm_variants(case: Case) -> dict[str, dict]:
+    """The gemm backend's memory options beside its defaults ("gemm"): each chunking forced, and a budget raised to
+    exactly the case's [N, V] logits so that they are kept from the forward (three GEMMs instead of four)."""
+    logits_bytes = case.tokens * case.vocab * torch.empty(0, dtype=case.torch_dtype).element_size()
+    return {"gemm-tokens": {"chunking": "tokens"}, "gemm-vocab": {"chunking": "vocab"},
+            "gemm-keep": {"memory_budget": max(logits_bytes, DEFAULT_MEMORY_BUDGET)}}
 
 
 def filter_variant(name: str) -> tuple[str, float]:

@@ -42,6 +42,19 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
+def check_bytes(name: str, value) -> int | None:
+    """None or a positive integer number of bytes."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be None or a positive integer number of bytes, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")

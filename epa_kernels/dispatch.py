@@ -1,12 +1,14 @@
 """Which kernel backends this installation can run, and the `backend="auto"` choice (DESIGN §4).
 
 Every backend module exposes the same `forward` / `backward` pair (the contract is documented in
-`epa_kernels/ops/torch_logprobs.py`).
+`epa_kernels/ops/torch_logprobs.py`); `gemm`'s also take its memory options and pass kept logits from the forward
+to the backward, through custom ops of their own (`epa_kernels/ops/library.py`).
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 from types import ModuleType
 from typing import NamedTuple
 
@@ -14,7 +16,7 @@ import torch
 
 from epa_kernels.ops import triton_interpreting
 
-BACKENDS = ("auto", "triton", "native", "torch")
+BACKENDS = ("auto", "triton", "native", "torch", "gemm")
 
 
 class BackendInfo(NamedTuple):
@@ -36,6 +38,11 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
 
             module = importlib.import_module("epa_kernels.ops.native_logprobs")
             return module, f"C++ extension epa_kernels._C, {torch.get_num_threads()} threads"
+        if name == "gemm":
+            module = importlib.import_module("epa_kernels.ops.gemm_logprobs")
+            rows = "Triton" if importlib.util.find_spec("triton") else "torch (Triton not installed)"
+            return module, (f"PyTorch {torch.__version__} GEMMs in the input dtype, memory-budgeted chunks; row "
+                            f"kernels: {rows} on CUDA, torch elsewhere")
         module = importlib.import_module("epa_kernels.ops.torch_logprobs")
         return module, f"chunked PyTorch {torch.__version__}"
     except ImportError as error:  # a missing optional piece: report it, don't fail the package
@@ -76,6 +83,7 @@ def resolve_backend(backend: str, device: torch.device) -> tuple[str, ModuleType
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     if backend == "auto":
+        # `gemm` is not chosen here: the default changes only when a GPU measurement shows it faster.
         if device.type == "cuda" and _load("triton")[0] is not None:
             backend = "triton"
         elif device.type == "cpu" and _load("native")[0] is not None:

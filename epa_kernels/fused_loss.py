@@ -19,21 +19,29 @@ from torch import nn
 from epa_kernels import distributed
 from epa_kernels._validation import check_choice, check_linear_inputs
 from epa_kernels.dispatch import backend_name
-from epa_kernels.logprobs import check_logit_options, linear_logprobs, prepare_tokens, sequence_sums, token_logprobs
+from epa_kernels.logprobs import (
+    check_gemm_options,
+    check_logit_options,
+    linear_logprobs,
+    prepare_tokens,
+    sequence_sums,
+    token_logprobs,
+)
 from epa_kernels.losses import LOSSES, group_rewards, preference_loss
 
 SEQUENCE_REDUCTIONS = ("sum", "mean")
 
 
 def _check_local(hidden, weight, targets, bias, cu_seqlens, ignore_index, reduction, loss, temperature, softcap,
-                 filter_eps, backend, ref_logps, ref_hidden, ref_weight, ref_bias):
-    """The checks of one rank's own inputs → (layout, backend name, temperature, softcap, filter_eps, this rank's
-    ref_logps)."""
+                 filter_eps, backend, ref_logps, ref_hidden, ref_weight, ref_bias, memory_options):
+    """The checks of one rank's own inputs → (layout, backend name, temperature, softcap, filter_eps, GemmOptions,
+    this rank's ref_logps). memory_options: (memory_budget, chunking, fp32_accumulation) as given."""
     layout = check_linear_inputs(hidden, weight, targets, bias, cu_seqlens, ignore_index)
     check_choice("reduction", reduction, SEQUENCE_REDUCTIONS)
     check_choice("loss", loss, LOSSES)
     name = backend_name(backend, hidden.device)
     temperature, softcap, filter_eps = check_logit_options(temperature, softcap, filter_eps, name, backend)
+    gemm_options = check_gemm_options(*memory_options, name, backend)
     if ref_hidden is not None:
         if ref_logps is not None:
             raise ValueError("pass ref_logps or ref_hidden, not both")
@@ -44,7 +52,7 @@ def _check_local(hidden, weight, targets, bias, cu_seqlens, ignore_index, reduct
             ref_logps = linear_logprobs(
                 ref_hidden, ref_weight, targets, ref_bias,
                 cu_seqlens=cu_seqlens, ignore_index=ignore_index, reduction=reduction, temperature=temperature,
-                softcap=softcap, backend=backend,
+                softcap=softcap, backend=backend, **gemm_options._asdict(),
             )
     elif ref_weight is not None or ref_bias is not None:
         raise ValueError("ref_weight/ref_bias need ref_hidden")
@@ -53,13 +61,14 @@ def _check_local(hidden, weight, targets, bias, cu_seqlens, ignore_index, reduct
             raise ValueError(f"ref_logps must have one value per sequence [S] = [{layout.num_seqs}], "
                              f"got {tuple(getattr(ref_logps, 'shape', ()))}")
         ref_logps = ref_logps.detach()
-    return layout, name, temperature, softcap, filter_eps, ref_logps
+    return layout, name, temperature, softcap, filter_eps, gemm_options, ref_logps
 
 
 def fused_linear_preference_loss(hidden, weight, targets, groups, *, bias=None, cu_seqlens=None, ref_logps=None,
                                  ref_hidden=None, ref_weight=None, ref_bias=None, loss="epa", reduction="sum",
                                  ignore_index=-100, temperature=1.0, softcap=None, filter_eps=None, backend="auto",
-                                 process_group=None, **loss_kw):
+                                 memory_budget=None, chunking="auto", fp32_accumulation=False, process_group=None,
+                                 **loss_kw):
     """Group preference loss straight from hidden states → (loss, metrics).
 
     hidden [N, D] packed with cu_seqlens [S+1] (or [B, T, D] padded, S = B), weight [V, D], targets
@@ -69,16 +78,18 @@ def fused_linear_preference_loss(hidden, weight, targets, groups, *, bias=None, 
     head `ref_weight` (required) and `ref_bias`, run through the same kernel without grad, or neither
     (reference-free). `loss` and `**loss_kw` (beta, num_strong, weak_weight, positive_weight,
     weights, scores, score_temperature, margin, label_smoothing) are those of `preference_loss`.
-    `filter_eps` approximates the policy's gradient as in `linear_logprobs` (triton, native).
+    `filter_eps` approximates the policy's gradient as in `linear_logprobs` (triton, native); `memory_budget`,
+    `chunking` and `fp32_accumulation` set the gemm backend's memory use as in `linear_logprobs`.
     metrics also holds "policy_logps" [S] (detached) for logging.
     """
     # With a process group every rank checks its inputs and the ranks agree before any rank goes on, so a bad
     # input raises on every rank instead of leaving the others waiting in a collective.
     distributed_error = None
     try:
-        layout, name, temperature, softcap, filter_eps, ref_logps = _check_local(
+        layout, name, temperature, softcap, filter_eps, gemm_options, ref_logps = _check_local(
             hidden, weight, targets, bias, cu_seqlens, ignore_index, reduction, loss, temperature, softcap,
-            filter_eps, backend, ref_logps, ref_hidden, ref_weight, ref_bias)
+            filter_eps, backend, ref_logps, ref_hidden, ref_weight, ref_bias,
+            (memory_budget, chunking, fp32_accumulation))
     except (ValueError, TypeError) as error:
         if process_group is None:
             raise
@@ -111,7 +122,8 @@ def fused_linear_preference_loss(hidden, weight, targets, groups, *, bias=None, 
     if reduction == "mean":
         per_sequence = sequence_sums(counted, tokens.seq_ids, layout.num_seqs).clamp(min=1)
         token_scale = counted / per_sequence[tokens.seq_ids].float()
-    logp, _, _ = token_logprobs(tokens, hidden, weight, bias, name, temperature, softcap, filter_eps=filter_eps)
+    logp, _, _ = token_logprobs(tokens, hidden, weight, bias, name, temperature, softcap, filter_eps=filter_eps,
+                                gemm_options=gemm_options)
     policy_logps = sequence_sums(logp * token_scale, tokens.seq_ids, layout.num_seqs)  # float64 into the loss
     local = policy_logps
     if process_group is not None:
@@ -128,12 +140,14 @@ class FusedLinearEPALoss(nn.Module):
     """
 
     def __init__(self, loss="epa", *, reduction="sum", ignore_index=-100, temperature=1.0, softcap=None,
-                 filter_eps=None, backend="auto", process_group=None, **loss_kw):
+                 filter_eps=None, backend="auto", memory_budget=None, chunking="auto", fp32_accumulation=False,
+                 process_group=None, **loss_kw):
         super().__init__()
         check_choice("loss", loss, LOSSES)
         check_choice("reduction", reduction, SEQUENCE_REDUCTIONS)
         self.config = dict(loss=loss, reduction=reduction, ignore_index=ignore_index, temperature=temperature,
-                           softcap=softcap, filter_eps=filter_eps, backend=backend, process_group=process_group,
+                           softcap=softcap, filter_eps=filter_eps, backend=backend, memory_budget=memory_budget,
+                           chunking=chunking, fp32_accumulation=fp32_accumulation, process_group=process_group,
                            **loss_kw)
 
     def forward(self, hidden, weight, targets, groups, ref_logps=None, cu_seqlens=None, bias=None, **extra):

@@ -2,8 +2,9 @@
 
 The kernels run as `torch.library` custom ops (`epa_kernels/ops/library.py`): their autograd formula stores
 O(N) floats (the log-sum-exp, optionally the entropy) and the backward recomputes the logits tile by tile;
-no [N, V] tensor exists in any backend. Layout (packed with `cu_seqlens` or padded [B, T]), ignore_index
-and the per-sequence reduction are plain differentiable PyTorch around the op, so any upstream gradient —
+no [N, V] tensor exists in any backend, except that `gemm` keeps the forward's logits for the backward when they
+fit its `memory_budget` (`epa_kernels/ops/gemm_plan.py`). Layout (packed with `cu_seqlens` or padded [B, T]),
+ignore_index and the per-sequence reduction are plain differentiable PyTorch around the op, so any upstream gradient —
 per token, per sequence, through the log-sum-exp or the entropy — reaches the kernels as three per-token
 coefficients.
 """
@@ -13,9 +14,18 @@ from typing import NamedTuple
 
 import torch
 
-from epa_kernels._validation import REDUCTIONS, check_choice, check_linear_inputs, check_positive_finite, compiling
+from epa_kernels._validation import (
+    REDUCTIONS,
+    check_bool,
+    check_bytes,
+    check_choice,
+    check_linear_inputs,
+    check_positive_finite,
+    compiling,
+)
 from epa_kernels.dispatch import backend_name
-from epa_kernels.ops.library import linear_logprobs_forward
+from epa_kernels.ops.gemm_plan import CHUNKINGS
+from epa_kernels.ops.library import gemm_logprobs_forward, linear_logprobs_forward
 
 
 class LogProbs(NamedTuple):
@@ -48,6 +58,32 @@ def check_logit_options(temperature, softcap, filter_eps, chosen: str, backend: 
     return temperature, softcap, filter_eps or None
 
 
+class GemmOptions(NamedTuple):
+    """The `gemm` backend's memory options (`epa_kernels/ops/gemm_plan.py`): bytes of extra memory (None: its
+    default, 512 MiB), "auto" / "tokens" / "vocab" chunks, d weight summed over token chunks in fp32. Other
+    backends take only these defaults."""
+
+    memory_budget: int | None = None
+    chunking: str = "auto"
+    fp32_accumulation: bool = False
+
+
+DEFAULT_GEMM_OPTIONS = GemmOptions()
+
+
+def check_gemm_options(memory_budget, chunking, fp32_accumulation, chosen: str, backend: str) -> GemmOptions:
+    """Validated GemmOptions; any other value than a default is refused unless the `chosen` backend is gemm."""
+    options = GemmOptions(check_bytes("memory_budget", memory_budget), check_choice("chunking", chunking, CHUNKINGS),
+                          check_bool("fp32_accumulation", fp32_accumulation))
+    changed = [name for name, value, default in zip(GemmOptions._fields, options, DEFAULT_GEMM_OPTIONS, strict=True)
+               if value != default]
+    if changed and chosen != "gemm":  # never accept a memory setting and silently not honour it
+        given = ", ".join(f"{name}={getattr(options, name)!r}" for name in changed)
+        raise ValueError(f"{given}: implemented by the gemm backend only; backend {chosen!r} (from backend="
+                         f"{backend!r}) does not take it: drop {' and '.join(changed)} or pass backend='gemm'")
+    return options
+
+
 class Tokens(NamedTuple):
     """The tokens that reach the kernels: ignored ones dropped (they cost nothing, get exactly zero gradient)."""
 
@@ -71,16 +107,23 @@ def prepare_tokens(hidden, targets, layout, ignore_index) -> Tokens:
 
 
 def token_logprobs(tokens: Tokens, hidden, weight, bias, backend: str, temperature, softcap, with_entropy=False,
-                   filter_eps=None):
+                   filter_eps=None, gemm_options: GemmOptions = DEFAULT_GEMM_OPTIONS):
     """(logp, lse, entropy | None) [M] fp32 of the prepared tokens through the custom op; 0 (with zero gradient)
     at ignored tokens that were kept; empty but connected to the inputs when every token was dropped."""
     if tokens.targets.numel() == 0:
         anchor = sum(t.sum() for t in (hidden, weight, bias) if t is not None) * 0.0
         empty = anchor.float().expand(0)
         return empty, empty, empty if with_entropy else None
-    logp, lse, entropy = linear_logprobs_forward(
-        tokens.hidden, weight.contiguous(), None if bias is None else bias.contiguous(), tokens.targets, backend,
-        temperature, softcap, with_entropy, filter_eps)
+    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
+    if backend == "gemm":
+        # Logits are worth keeping only for a backward: none follows without grad (a reference model's pass).
+        keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (tokens.hidden, weight, bias))
+        logp, lse, entropy, _ = gemm_logprobs_forward(
+            tokens.hidden, weight, bias, tokens.targets, temperature, softcap, with_entropy,
+            gemm_options.memory_budget, gemm_options.chunking, gemm_options.fp32_accumulation, keep)
+    else:
+        logp, lse, entropy = linear_logprobs_forward(tokens.hidden, weight, bias, tokens.targets, backend,
+                                                     temperature, softcap, with_entropy, filter_eps)
     entropy = entropy if with_entropy else None
     if tokens.mask is not None:  # ignored tokens were scored (compiled path): zero them and their gradients
         logp, lse = logp * tokens.mask, lse * tokens.mask
@@ -109,6 +152,9 @@ def linear_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
     filter_eps: float | None = None,
+    memory_budget: int | None = None,
+    chunking: str = "auto",
+    fp32_accumulation: bool = False,
 ):
     """Log-probs of `targets` under `softmax((hidden · weightᵀ + bias) / temperature)`, never materialising logits.
 
@@ -120,6 +166,10 @@ def linear_logprobs(
     softcap c applies z ← c·tanh(z / c) after the temperature. `filter_eps` (triton, native) drops the backward
     contributions of probabilities below it (triton: whole tiles without a target; native: single entries, their
     sum kept through the mean row): faster, approximate; None (default) is exact.
+    `memory_budget`, `chunking`, `fp32_accumulation` (gemm only; see epa_kernels/ops/gemm_plan.py): bytes of
+    extra memory for logits (None: 512 MiB; logits that fit are kept from the forward for the backward), chunks
+    of "tokens" or "vocab" ("auto": the one expected to move fewer bytes), d weight summed over token chunks in
+    fp32 instead of the input dtype.
     Returns a tensor, or `LogProbs(logps, lse, entropy)` with `return_lse` / `return_entropy`.
     Differentiable w.r.t. hidden, weight and bias under any upstream gradient.
     """
@@ -127,11 +177,12 @@ def linear_logprobs(
     check_choice("reduction", reduction, REDUCTIONS)
     name = backend_name(backend, hidden.device)
     temperature, softcap, filter_eps = check_logit_options(temperature, softcap, filter_eps, name, backend)
+    gemm_options = check_gemm_options(memory_budget, chunking, fp32_accumulation, name, backend)
     tokens = prepare_tokens(hidden, targets, layout, ignore_index)
     index, seq_ids, num_tokens = tokens.index, tokens.seq_ids, layout.seq_ids.numel()
 
     logp, lse, entropy = token_logprobs(tokens, hidden, weight, bias, name, temperature, softcap, return_entropy,
-                                        filter_eps)
+                                        filter_eps, gemm_options)
 
     def per_token(values):
         if index is not None:

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 import epa_kernels  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-FUSED_BACKENDS = ("triton", "native", "torch")
+FUSED_BACKENDS = ("triton", "native", "torch")  # gemm: tests/test_gemm_*.py (sizes where bf16 logits average out)
 
 # Slack added to 2× the same-dtype reference error, relative to the fp64 value's norm.
 SLACK = {torch.float32: 1e-6, torch.bfloat16: 1e-4, torch.float16: 1e-5}

@@ -199,7 +199,7 @@ def test_auto_backend_choice():
     torch.testing.assert_close(epa_kernels.linear_logprobs(*args, backend="auto"), expected, rtol=1e-5, atol=1e-4)
     available = epa_kernels.backends()
     assert available["torch"].available
-    assert set(available) == {"triton", "native", "torch"}
+    assert set(available) == {"triton", "native", "torch", "gemm"}
 
 
 def test_torch_backend_chunks_by_tokens_within_a_memory_cap():

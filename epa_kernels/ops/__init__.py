@@ -1,6 +1,8 @@
 """Kernel backends of the fused LM-head log-prob op, one file per family, each with its launcher.
 
-`torch_logprobs` documents the contract all of them implement (`forward`, `backward`). This package sits below
+`torch_logprobs` documents the contract all of them implement (`forward`, `backward`). The `gemm` backend is four
+files: `gemm_logprobs` (its launcher: library GEMMs per chunk), `gemm_plan` (the chunks a memory budget allows),
+`triton_rows` (the row kernels) and `torch_rows` (their reference and CPU twin). This package sits below
 `epa_kernels.dispatch`, which chooses among them: a backend module never imports the dispatcher.
 """
 import os

@@ -122,9 +122,10 @@ class PreferenceModel(nn.Module):
     ref_model: a frozen reference `PreferenceModel` (or causal LM) run under no_grad when the batch has no
     ref_logps; its own head and transforms are used. ref_adapters_off: `model` is a peft model and its reference
     is the same model with the adapters disabled (TRL's reference under a peft_config: no second model).
-    check_head: verify on 8 tokens that the fused head reproduces the model's own logits. disable_dropout (default True): `disable_dropout(model)` at construction,
-    so that the policy in train mode computes what the reference computes in eval mode; with the model's dropout
-    the implicit rewards would be noisy and biased. False keeps it.
+    check_head: verify on 8 tokens that the fused head reproduces the model's own logits. disable_dropout
+    (default True): `disable_dropout(model)` at construction, so that the policy in train mode computes what the
+    reference computes in eval mode; with the model's dropout the implicit rewards would be noisy and biased.
+    False keeps it.
     """
 
     def __init__(self, model, *, loss: str = "epa", beta: float = 0.1, reduction: str | None = None,
