@@ -1,21 +1,20 @@
 #!/usr/bin/env bash
-# One lent-GPU session in one device call of 9 minutes and a half, the least-known first: the kernels' goal shape
-# (Llama-3-8B's head at N = 32k) against the peers, the GPU-only training paths (FlexAttention prefix sharing,
-# FSDP2 through accelerate), the tile sweep with both backward schemes, Llama-3-8B at 8k again (the tile configs
-# changed after the first timing), and last what the 2026-12-04 session timed already (losses, Qwen, Gemma,
-# gradient filter).
+# One lent-GPU session, the must-haves first: the gemm backend (cuBLAS GEMMs on chunks with fused Triton row kernels)
+# against its 4- and 3-GEMM floors, the Triton tile kernels and the peers at the four shapes of the speed goals
+# (Llama-3-8B's head at N = 512, 8k and 32k, Qwen's at 16k, Gemma's with softcap 30 at 8k), then the losses over
+# plain log-probs: those stages fit 6 minutes of one call. After them, in the time left: the GPU-only training
+# paths (FlexAttention prefix sharing, FSDP2 through accelerate), then the tile kernels' sweep and gradient filter.
 #
 #   bash benchmarks/prepare_gpu_session.sh     # here, once: .whl/ and .gpu/ (wheels, SmolLM2's config, activations)
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".gpu"], timeout_s=570)   # the device call
 #   bash benchmarks/gpu_session.sh --dry-run   # every stage on this CPU at tiny shapes (the tests run it)
-#   bash benchmarks/gpu_session.sh --only peers-llama,tiles      # some stages
+#   bash benchmarks/gpu_session.sh --only peers-llama,losses     # some stages
 #
-# Every stage has its own time limit, set from the times the 2026-12-04 session measured (a cold Triton cache
-# compiles each kernel first), and as soon as it ends its logs and results are packed into $OUT/gpu-session.tar.gz
-# and its status line and tables appended to $OUT/summary.md (the two files the device call returns), so a stage
-# killed at its limit, or by the call's own limit, loses only itself (the archive is written under another name and
-# then moved, so a kill while packing leaves the previous one whole). The stages up to peers-llama fit 9 minutes;
-# the last four repeat what the first session measured and run only in the time left.
+# Every stage has its own time limit (a cold Triton cache compiles each kernel first), and as soon as it ends its
+# logs and results are packed into $OUT/gpu-session.tar.gz and its status line and tables appended to
+# $OUT/summary.md (the two files the device call returns), so a stage killed at its limit, or by the call's own
+# limit, loses only itself (the archive is written under another name and then moved, so a kill while packing
+# leaves the previous one whole). Within a stage each implementation's line is logged as soon as it is timed.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 DRY=0
@@ -24,7 +23,7 @@ while [ $# -gt 0 ]; do
     case $1 in
         --dry-run) DRY=1 ;;
         --only) ONLY=",$2,"; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "unknown argument $1 (--dry-run, --only STAGE[,STAGE])" >&2; exit 2 ;;
     esac
     shift
@@ -76,25 +75,33 @@ stage ceilings 20 "$PY" -m benchmarks.ceilings --device "$DEVICE" "${CEIL[@]}" -
 
 # 1. The kernels are right on this GPU before they are timed (the timing stages gate each result too).
 if [ "$DRY" = 1 ]; then TESTS=(tests/test_logprobs.py -k "single_token and triton"); else
-    TESTS=(-n 8 tests/test_logprobs.py tests/test_fused_loss.py tests/test_filter_eps.py
-    tests/test_triton_backward_schemes.py); fi
-stage tests 50 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+    TESTS=(-n 8 tests/test_gemm_backend.py tests/test_gemm_rows.py tests/test_logprobs.py tests/test_fused_loss.py); fi
+stage tests 30 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 
-# linear_logprobs forward and forward+backward against Liger-Kernel, Cut Cross-Entropy, TRL, torch.compile and the
-# chunked torch backend (--preset gpu-peers), one head per stage so that a stage stopped at its limit loses one
-# head only.
-peers() {  # peers NAME LIMIT N D V [--softcap C]
+# linear_logprobs forward and forward+backward: the gemm backend (default, token and vocabulary chunks, logits kept),
+# the Triton tile kernels, the chunked torch backend, Liger-Kernel, Cut Cross-Entropy, TRL, the eager and compiled
+# references, and the 4- and 3-GEMM floors of the same run (--preset gpu-peers), one head per stage so that a stage
+# stopped at its limit loses one head only.
+peers() {  # peers NAME LIMIT "N [N ...]" D V [--softcap C]
     local name=$1 limit=$2 n=$3 d=$4 v=$5
     shift 5
     if [ "$DRY" = 1 ]; then n=64; d=16; v=300; fi
     local extra=()
-    [ "$DRY" = 1 ] && extra=(--repeats 1 --warmup 0 --no-memory --impls reference triton torch liger cce trl)
-    stage "$name" "$limit" "$PY" -m benchmarks.run --device "$DEVICE" --preset gpu-peers --tokens "$n" --hidden "$d" \
+    [ "$DRY" = 1 ] && extra=(--repeats 1 --warmup 0 --no-memory --impls reference gemm gemm-keep triton torch liger
+        cce trl)
+    # shellcheck disable=SC2086  # several token counts are several words
+    stage "$name" "$limit" "$PY" -m benchmarks.run --device "$DEVICE" --preset gpu-peers --tokens $n --hidden "$d" \
         --vocab "$v" "$@" "${extra[@]}" --out "$LOGS/$name"
 }
 
-# 2. The goal shape: Llama-3-8B's head at N = 32k (never timed: the first session's stage ran out of time).
-peers peers-llama-32k 140 32768 4096 128256
+# 2. The four shapes of the speed goals (few tokens beside Llama 8k), then EPA 1+3+60 and DPO over plain log-probs.
+peers peers-llama 70 "512 8192" 4096 128256
+peers peers-llama-32k 90 32768 4096 128256
+peers peers-qwen 50 16384 2048 151936
+peers peers-gemma 50 8192 2304 262144 --softcap 30
+if [ "$DRY" = 1 ]; then LOSSES=(--tokens 64 --hidden 16 --vocab 300 --cases logprobs dpo epa-1+3+60 --repeats 1
+    --warmup 0 --no-memory --impls reference gemm triton torch); else LOSSES=(--preset gpu-losses); fi
+stage losses 45 "$PY" -m benchmarks.run --device "$DEVICE" "${LOSSES[@]}" --out "$LOGS/losses"
 
 # 3. A model for the training stages: SmolLM2-135M's architecture with seeded weights (its weights cannot travel),
 #    kept out of $LOGS so that the packed logs stay small; the dry run saves the tests' tiny Llama.
@@ -134,18 +141,8 @@ if [ "$DRY" = 1 ]; then TILES=(--grid tiny); else TILES=(--grid small --samples 
     --vocab 128256); fi
 stage tiles 120 "$PY" -m benchmarks.tile_sweep --backward-cost "${TILES[@]}" --out "$LOGS/tiles"
 
-# 7. Llama-3-8B at 8k again, at the tile configs chosen by the first session's sweep.
-peers peers-llama 60 8192 4096 128256
-
-# 8. Past the call's 9 minutes if the stages above use their limits: repeats of what the first session timed. EPA
-#    1+3+60 and DPO against plain log-probs (--preset gpu-losses), the Qwen and Gemma heads, gradient filtering on
-#    SmolLM2's real activations (the carried slice; a synthetic one in the dry run).
-if [ "$DRY" = 1 ]; then LOSSES=(--tokens 64 --hidden 16 --vocab 300 --cases logprobs dpo epa-1+3+60 --repeats 1
-    --warmup 0 --no-memory --impls reference triton torch); else LOSSES=(--preset gpu-losses); fi
-stage losses 60 "$PY" -m benchmarks.run --device "$DEVICE" "${LOSSES[@]}" --out "$LOGS/losses"
-
-peers peers-qwen 60 16384 2048 151936
-peers peers-gemma 60 8192 2304 262144 --softcap 30
+# 7. Gradient filtering on SmolLM2's real activations (the carried slice; a synthetic one in the dry run): whether
+#    filter_eps, a tile-kernel feature, still earns the Triton kernels their place.
 if [ "$DRY" = 1 ]; then
     "$PY" -m benchmarks.activations --slice "$LOGS/activations" --tokens 64 --synthetic > /dev/null
     export EPA_BENCH_CACHE=$LOGS/activations

@@ -569,11 +569,14 @@ def run_case(case: Case, device: torch.device, names, *, warmup: int, repeats: i
 FLOOR_TILE_ELEMS = 2 * 1024 * 1024
 
 
-def gemm_floor_ms(case: Case, device: torch.device, *, warmup: int, repeats: int) -> float:
+def gemm_floor_ms(case: Case, device: torch.device, *, warmup: int, repeats: int, gemms: int = 4) -> float:
     """Median time of the four GEMMs of N·D·V that an exact fused pass runs (the logits, their recompute in the
     backward, d_hidden, d_weight) and nothing else, in the case's dtype into preallocated outputs: the floor of
-    any exact fused method. On CPU over cache-sized vocabulary tiles, on CUDA as whole matrices. A materialised
-    reference keeps its logits and runs three."""
+    any exact fused method. On CPU over cache-sized vocabulary tiles, on CUDA as whole matrices. gemms=3 drops the
+    recompute: the floor of a pass that keeps its logits (a materialised reference, the gemm backend's kept
+    logits)."""
+    if gemms not in (3, 4):
+        raise ValueError(f"gemms must be 3 or 4, got {gemms}")
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(case.tokens, case.hidden, generator=gen).to(device, case.torch_dtype)
     weight = torch.randn(case.vocab, case.hidden, generator=gen).to(device, case.torch_dtype)
@@ -587,7 +590,8 @@ def gemm_floor_ms(case: Case, device: torch.device, *, warmup: int, repeats: int
         for v0 in range(0, case.vocab, cols):
             w, z = weight[v0:v0 + cols], logits[:, :min(cols, case.vocab - v0)]
             torch.mm(hidden, w.t(), out=z)  # forward
-            torch.mm(hidden, w.t(), out=z)  # recompute in the backward
+            if gemms == 4:
+                torch.mm(hidden, w.t(), out=z)  # recompute in the backward
             if v0 == 0:
                 torch.mm(z, w, out=d_hidden)
             else:

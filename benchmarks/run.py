@@ -16,7 +16,10 @@ K strong and W weak negatives per prompt) on the same N tokens; for loss cases t
 unfused path (materialised log-probs + preference_loss). `--source smollm2` replaces the random inputs by
 SmolLM2-135M's own activations on real text (D = 576, V = 49152; `benchmarks/activations.py`). An
 implementation "backend@eps" is that backend with filter_eps=eps (triton, native), accepted up to 2⁻⁸ relative
-error. Each size also gets its 4-GEMM floor (the GEMMs of an exact fused pass, timed alone). `--softcap C` (or a
+error. Each size also gets its 4-GEMM floor (the GEMMs of an exact fused pass, timed alone) and its 3-GEMM floor
+(without the recompute: what a pass that keeps its logits needs). "gemm", "gemm-tokens", "gemm-vocab" and
+"gemm-keep" are the GEMM-and-row-kernel backend at its default chunking, forced token or vocabulary chunks, and
+with a budget that keeps the logits. `--softcap C` (or a
 grid's "softcap") applies Gemma-style logit softcapping c·tanh(z / c) in every implementation that has it (the
 others are skipped saying so).
 
@@ -89,9 +92,10 @@ PRESETS = {
     # this preset about 90 s.
     "gpu-peers": {
         "dtype": "bfloat16", "repeats": 5, "warmup": 1,
-        "impls": ["reference", "reference-compile", "triton", "torch", "liger", "cce", "trl"],
+        "impls": ["reference", "reference-compile", "gemm", "gemm-tokens", "gemm-vocab", "gemm-keep", "triton", "torch",
+                  "liger", "cce", "trl"],
         "grids": [
-            {"cases": ["logprobs"], "tokens": [8192, 32768], "hidden": [4096], "vocab": [128256]},
+            {"cases": ["logprobs"], "tokens": [512, 8192, 32768], "hidden": [4096], "vocab": [128256]},
             {"cases": ["logprobs"], "tokens": [16384], "hidden": [2048], "vocab": [151936]},
             {"cases": ["logprobs"], "tokens": [8192], "hidden": [2304], "vocab": [262144], "softcap": 30.0},
         ],
@@ -99,7 +103,7 @@ PRESETS = {
     # The losses' cost over plain log-probs on the same tokens (the summary's "takes …× the time" lines), bf16.
     "gpu-losses": {
         "dtype": "bfloat16", "repeats": 7, "warmup": 1,
-        "impls": ["reference", "triton", "torch", "liger", "cce"],
+        "impls": ["reference", "gemm", "gemm-vocab", "triton", "liger", "cce"],
         "grids": [
             {"cases": ["logprobs", "dpo", "epa-1+3+60"], "tokens": [8192], "hidden": [4096], "vocab": [128256]},
         ],
@@ -114,8 +118,9 @@ PRESETS = {
         ],
     },
 }
-IMPLS = ["reference", "reference-compile", "triton", "native", "torch", "liger", "liger-per-token", "cce",
+IMPLS = ["reference", "reference-compile", "triton", "native", "torch", "gemm", "liger", "liger-per-token", "cce",
          "cce-torch-compile", "trl"]
+GEMM_VARIANTS = ("gemm-tokens", "gemm-vocab", "gemm-keep")  # named in --impls or a preset: harness.gemm_variants
 GRID_KEYS = ("cases", "tokens", "hidden", "vocab", "source", "softcap")
 
 
@@ -192,13 +197,13 @@ def summary(results, floors=None) -> str:
     negatives at a fixed token count."""
     ok = [r for r in results if r.status == "ok"]
     lines = []
-    for size, floor in (floors or {}).items():
+    for size, (floor, floor3) in (floors or {}).items():
         names = dict.fromkeys(r.case["name"] for r in ok if size_key(r.case) == size and r.case["kind"] == "logprobs")
         for name in names:
             rows = [r for r in ok if size_key(r.case) == size and r.case["name"] == name]
             ratios = ", ".join(f"{r.impl} {r.full_ms / floor:.2f}×" for r in rows)
-            lines.append(f"- N={size[0]}, D={size[1]}, V={size[2]} {size[3]}: 4 GEMMs take {floor:.1f} ms; time over "
-                         f"that floor ({name}): {ratios}")
+            lines.append(f"- N={size[0]}, D={size[1]}, V={size[2]} {size[3]}: 4 GEMMs take {floor:.1f} ms, 3 GEMMs "
+                         f"(logits kept) {floor3:.1f} ms; time over the 4-GEMM floor ({name}): {ratios}")
     for r in ok:
         c = r.case
         if c["kind"] == "logprobs":
@@ -269,8 +274,9 @@ def main(argv=None):
                             progress=lambda msg: print(msg, flush=True))
         size = size_key(case)
         if size not in floors:
-            floors[size] = gemm_floor_ms(case, device, warmup=settings["warmup"], repeats=settings["repeats"])
-            print(f"  4-GEMM floor: {floors[size]:.1f} ms", flush=True)
+            floors[size] = tuple(gemm_floor_ms(case, device, warmup=settings["warmup"], repeats=settings["repeats"],
+                                               gemms=gemms) for gemms in (4, 3))
+            print(f"  4-GEMM floor: {floors[size][0]:.1f} ms, 3 GEMMs: {floors[size][1]:.1f} ms", flush=True)
     table = markdown_table(results) + "\n\n" + summary(results, floors)
     spread = "p20–p80" if settings["repeats"] >= SPREAD_MIN_REPEATS else "min–max"
     conditions = (
@@ -289,8 +295,8 @@ def main(argv=None):
         json.dump({"environment": env, "settings": {**settings, "spread": spread.replace("–", "-"),
                                                      "softcap": args.softcap, "error_fp32": not args.no_error_fp32},
                    "results": [asdict(r) for r in results],
-                   "gemm_floor_ms": [{"tokens": n, "hidden": d, "vocab": v, "dtype": t, "ms": ms}
-                                     for (n, d, v, t), ms in floors.items()]}, out, indent=2)
+                   "gemm_floor_ms": [{"tokens": n, "hidden": d, "vocab": v, "dtype": t, "ms": ms, "ms_3_gemms": ms3}
+                                     for (n, d, v, t), (ms, ms3) in floors.items()]}, out, indent=2)
     with open(os.path.join(args.out, "results.md"), "w") as out:
         out.write(table + "\n\n" + conditions + "\n")
     try:

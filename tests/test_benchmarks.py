@@ -202,22 +202,23 @@ def test_error_fp32_is_tiny_for_exact_and_large_for_perturbed_implementations(mo
 def test_gpu_presets_are_the_intended_cases():
     bf16 = {"dtype": "bfloat16"}
     assert run.preset_cases("gpu-peers") == [
+        harness.Case(tokens=512, hidden=4096, vocab=128256, **bf16),
         harness.Case(tokens=8192, hidden=4096, vocab=128256, **bf16),
         harness.Case(tokens=32768, hidden=4096, vocab=128256, **bf16),
         harness.Case(tokens=16384, hidden=2048, vocab=151936, **bf16),
         harness.Case(tokens=8192, hidden=2304, vocab=262144, softcap=30.0, **bf16),
     ]
-    assert run.PRESETS["gpu-peers"]["impls"] == ["reference", "reference-compile", "triton", "torch", "liger", "cce",
-                                                 "trl"]
+    assert run.PRESETS["gpu-peers"]["impls"] == ["reference", "reference-compile", "gemm", "gemm-tokens", "gemm-vocab",
+                                                 "gemm-keep", "triton", "torch", "liger", "cce", "trl"]
     losses = run.preset_cases("gpu-losses")
     assert [c.name for c in losses] == ["logprobs", "dpo", "epa-1+3+60"]
     assert {(c.tokens, c.hidden, c.vocab, c.dtype, c.softcap) for c in losses} == {(8192, 4096, 128256, "bfloat16",
                                                                                       None)}
-    assert run.PRESETS["gpu-losses"]["impls"] == ["reference", "triton", "torch", "liger", "cce"]
+    assert run.PRESETS["gpu-losses"]["impls"] == ["reference", "gemm", "gemm-vocab", "triton", "liger", "cce"]
     for name, preset in run.PRESETS.items():  # every preset still parses; implementations are known names
         assert run.preset_cases(name), name
-        assert set(preset.get("impls", run.IMPLS)) <= set(run.IMPLS) | {i for i in preset.get("impls", ())
-                                                                         if harness.FILTER_SEP in i}
+        assert set(preset.get("impls", run.IMPLS)) <= set(run.IMPLS) | set(run.GEMM_VARIANTS) | {
+            i for i in preset.get("impls", ()) if harness.FILTER_SEP in i}
     assert len(run.preset_cases("gpu")) == 7 * 2 + 2 + 1 + 4
     assert run.preset_cases("gpu-peers", softcap=50.0)[0].softcap == 50.0  # --softcap replaces the grids' own
     assert run.parse_args(["--softcap", "30"]).softcap == 30.0
