@@ -3,6 +3,8 @@
     python -m benchmarks.train_memory                                    # the full sweep (hours on a CPU)
     python -m benchmarks.train_memory --prompt-tokens 6144 --response-tokens 1024 --responses 2 4 \\
         --impls epa-shared-gc trl-gc-precompute --out bench-out/train-memory
+    python -m benchmarks.train_memory --prompt-tokens 2048 --response-tokens 256 --responses 4 \
+        --impls epa-shared-gc-lora trl-gc-lora epa-shared-gc trl-gc --out bench-out/train-memory-lora
 
 One full training step (forward, backward, AdamW step) of SmolLM2-135M (real weights) per case: one prompt of
 `--prompt-tokens` and 1 + K responses of `--response-tokens`. Implementations (each case of each in its own process):
@@ -12,7 +14,13 @@ One full training step (forward, backward, AdamW step) of SmolLM2-135M (real wei
 - `unfused-gc`: the model's own logits → log_softmax → `preference_loss`, gradient checkpointing;
 - `trl-gc`: TRL's `DPOTrainer` with its defaults (gradient checkpointing on, reference model resident, its fused LM
   head), the K negatives expanded into K (chosen, rejected) pairs as TRL's maintainers recommend;
-- `trl-gc-precompute`: the same with `precompute_ref_log_probs` (no reference model during training).
+- `trl-gc-precompute`: the same with `precompute_ref_log_probs` (no reference model during training);
+- `-lora` suffix (`epa-shared-gc-lora`, `trl-gc-lora`, `trl-gc-precompute-lora`): LoRA adapters trained instead of
+  the weights, the same `peft.LoraConfig` for both (`--lora-r`, default 16; `--lora-alpha`, 32;
+  `--lora-target-modules`, all-linear: every linear layer but the LM head; no dropout); ours wraps the PEFT model in
+  `PreferenceModel`, TRL gets it as `peft_config`. The optimizer holds adapter state only. With LoRA, TRL keeps no
+  reference model: its reference is the policy with the adapters disabled, a no_grad forward in every step of
+  `trl-gc-lora`, none in `trl-gc-precompute-lora`.
 The EPA implementations take reference log-probs as given (precomputed), like `trl-gc-precompute`.
 
 Each measured step is, by default, the process's first (`--warmup 0`), after the AdamW state was created on zero
@@ -27,12 +35,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from benchmarks.train_step import add_lora_arguments, check_lora_arguments
 from epa_kernels.provenance import environment
 
 IMPLS = {  # name → (worker module, worker arguments)
@@ -43,6 +53,10 @@ IMPLS = {  # name → (worker module, worker arguments)
     "unfused-gc": ("benchmarks.train_step", ["--worker", "unfused-gc", "--measure", "time"]),
     "trl-gc": ("benchmarks.trl_step", ["--gradient-checkpointing", "--measure", "time"]),
     "trl-gc-precompute": ("benchmarks.trl_step", ["--gradient-checkpointing", "--precompute-ref", "--measure", "time"]),
+    "epa-shared-gc-lora": ("benchmarks.train_step", ["--worker", "shared-gc", "--measure", "time", "--lora"]),
+    "trl-gc-lora": ("benchmarks.trl_step", ["--gradient-checkpointing", "--lora", "--measure", "time"]),
+    "trl-gc-precompute-lora": ("benchmarks.trl_step", ["--gradient-checkpointing", "--precompute-ref", "--lora",
+                                                       "--measure", "time"]),
 }
 DEFAULT_PROMPTS = (1024, 2048, 4096, 8192, 16384, 32768)
 
@@ -54,15 +68,22 @@ def run_case(impl: str, prompt_tokens: int, args, responses: int) -> dict:
            "--response-tokens", str(args.response_tokens), "--responses", str(responses),
            "--warmup", str(args.warmup),
            "--repeats", "1", "--device", args.device]
+    if "--lora" in extra:
+        cmd += ["--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha),
+                "--lora-target-modules", *args.lora_target_modules]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=dict(os.environ))
     case = {"impl": impl, "prompt_tokens": prompt_tokens, "response_tokens": args.response_tokens,
             "responses": responses}
+    if done.returncode < 0:  # killed: on CPU usually SIGKILL from the kernel's OOM killer, with no traceback
+        name = signal.Signals(-done.returncode).name
+        return {**case, "error": f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")}
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         return {**case, "error": lines[-1] if lines else f"exit code {done.returncode}"}
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return {**case, "tokens": result["tokens"], "step_s": result["step_s"],
-            "peak_bytes": result["process_peak_bytes"], "loss": result["loss"]}
+            "peak_bytes": result["process_peak_bytes"], "loss": result["loss"],
+            **{key: result[key] for key in ("trainable_params", "optimizer_state_bytes", "lora") if key in result}}
 
 
 def sweep(args) -> list[dict]:
@@ -110,6 +131,12 @@ def markdown(results: list[dict], args, env: dict) -> str:
               f"{args.warmup} warm-up step(s) (the AdamW state created on zero gradients when none); peak = the "
               "whole process (CPU: peak RSS; CUDA: max_memory_allocated); ratios against the first implementation "
               "listed for the case."]
+    lora = next((r for r in results if r.get("lora")), None)
+    if lora:
+        settings = lora["lora"]
+        lines[-1] += (f" `-lora`: LoRA adapters only (r {settings['r']}, α {settings['alpha']}, targets "
+                      f"{settings['target_modules']}, {lora['trainable_params']:,} trainable parameters), the same "
+                      "peft.LoraConfig for both; TRL's reference is the policy with its adapters disabled.")
     return "\n".join(lines)
 
 
@@ -149,6 +176,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=0,
                         help="untimed steps before the measured one (default 0: hours of CPU time; 1 on a GPU "
                              "keeps CUDA start-up and kernel selection out of the time)")
+    add_lora_arguments(parser, switch=False)  # the settings of the `-lora` implementations
     parser.add_argument("--out", help="directory for results.json, results.md and memory.png")
     args = parser.parse_args(argv)
     if min(args.prompt_tokens) < 1 or args.response_tokens < 1:
@@ -159,6 +187,8 @@ def parse_args(argv=None):
         parser.error("--warmup must be ≥ 0")
     if not args.budget_gib > 0:
         parser.error("--budget-gib must be > 0")
+    args.lora = any("--lora" in IMPLS[impl][1] for impl in args.impls)
+    check_lora_arguments(parser, args)
     args.prompt_tokens = sorted(set(args.prompt_tokens))
     return args
 

@@ -4,6 +4,7 @@
     python -m benchmarks.train_step --impls fused unfused fused-gc unfused-gc --out bench-out/train-step
     python -m benchmarks.train_step --prompt-tokens 2048 --response-tokens 256 --responses 16 \
         --impls fused-gc shared-gc --what time      # prefix sharing: one 2k prompt, 1 + 3 + 12 responses
+    python -m benchmarks.train_step --impls shared-gc --lora --lora-r 16 --what time   # LoRA adapters only
 
 Each implementation runs in fresh processes: the process loads the model, makes AdamW, and runs warm-up steps, so
 the optimizer state exists; then it measures steps (forward, backward, optimizer step, zero_grad). On CPU, memory
@@ -21,6 +22,13 @@ page of every activation in again and slow a step down several-fold). Reported p
 - `-gc` suffix: the same with gradient checkpointing of the decoder layers.
 `fused` and `unfused` pack every sequence as prompt ⊕ response into one row (position_ids restart per
 sequence), the same batch for both; `shared` packs the same sequences in the prefix-shared layout.
+
+`--lora` trains LoRA adapters instead of the weights: `peft.get_peft_model` with `LoraConfig(task_type="CAUSAL_LM",
+r=--lora-r, lora_alpha=--lora-alpha, target_modules=--lora-target-modules, lora_dropout=0)` (default r 16, α 32,
+"all-linear": every linear layer but the LM head), wrapped in `PreferenceModel` like the plain model (its fused head
+then computes no weight gradient: the head is frozen). AdamW holds the adapters' state only; the reference log-probs
+are given as before (with adapters the reference is the base model: the adapters disabled). Results then carry the
+LoRA settings, `trainable_params` and `trainable_bytes`.
 """
 from __future__ import annotations
 
@@ -87,6 +95,54 @@ class UnfusedStep(torch.nn.Module):
                                **self.loss_kw)
 
 
+def add_lora_arguments(parser, switch: bool = True) -> None:
+    """--lora (unless not `switch`) and its settings: this worker's, benchmarks.trl_step's and train_memory's."""
+    if switch:
+        parser.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of the weights")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
+    parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default 32)")
+    parser.add_argument("--lora-target-modules", nargs="+", default=["all-linear"],
+                        help="module names to adapt (default all-linear: every linear layer but the LM head)")
+
+
+def check_lora_arguments(parser, args) -> None:
+    if args.lora and (args.lora_r < 1 or not args.lora_alpha > 0):
+        parser.error("--lora-r must be ≥ 1 and --lora-alpha > 0")
+
+
+def lora_settings(args) -> dict | None:
+    """The LoRA settings a result records (None without --lora)."""
+    if not args.lora:
+        return None
+    targets = args.lora_target_modules
+    return {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0,
+            "target_modules": targets[0] if targets == ["all-linear"] else list(targets)}
+
+
+def lora_config(args):
+    """The `peft.LoraConfig` of --lora-r/--lora-alpha/--lora-target-modules; both workers build theirs here."""
+    from peft import LoraConfig
+
+    settings = lora_settings(args)
+    return LoraConfig(task_type="CAUSAL_LM", r=settings["r"], lora_alpha=settings["alpha"],
+                      lora_dropout=settings["dropout"], target_modules=settings["target_modules"])
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer steps (those that require grad: with LoRA, the adapters')."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise SystemExit("no trainable parameters")
+    return trainable
+
+
+def check_adapters_only(model) -> None:
+    """With LoRA only the adapter matrices may train: a trainable base weight would be a full-weight step."""
+    others = [name for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name]
+    if others or not any("lora_" in name for name, _ in model.named_parameters()):
+        raise SystemExit(f"LoRA: trainable parameters other than the adapters (or no adapters): {others[:5]}")
+
+
 def prime_optimizer(optimizer, parameters) -> None:
     """Create the AdamW state without a training step (one step on zero gradients), so that a measured first step
     runs above a resident optimizer state like every later one, at the cost of no warm-up step (minutes on CPU at
@@ -109,10 +165,16 @@ def measure(impl: str, args) -> dict:
     model = load_causal_lm(args.model, device=device, attn=args.attn)
     if impl.endswith("-gc"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(args))
+        check_adapters_only(model)
     model.train()
     loss_kw = {"loss": "epa", "beta": 0.1}
     step_module = UnfusedStep(model, **loss_kw) if impl.startswith("unfused") else PreferenceModel(model, **loss_kw)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    trainable = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-7)
     batch = build_batch(tokenizer, args.prompt_tokens, args.response_tokens, args.responses, device,
                         prefix_sharing=impl.startswith("shared"))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -154,7 +216,10 @@ def measure(impl: str, args) -> dict:
     # process_peak_bytes: the whole process's peak during the measured steps (model, optimizer state and all); an
     # upper bound of live memory on CPU even under the default allocator, which may keep freed pages resident.
     result = {"impl": impl, "loss": losses[0], "tokens": batch["input_ids"].numel(), "weights_bytes": weights,
-              "optimizer_state_bytes": optimizer_state, "process_peak_bytes": max(process_peaks)}
+              "trainable_params": sum(p.numel() for p in trainable),
+              "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
+              "optimizer_state_bytes": optimizer_state, "process_peak_bytes": max(process_peaks),
+              "lora": lora_settings(args)}
     if args.measure in ("time", "both"):
         result.update(step_s=statistics.median(times), times_s=times)
     if args.measure in ("memory", "both"):
@@ -208,8 +273,11 @@ def markdown(results: list[dict], args, env: dict) -> str:
         lines.append(f"| {r['impl']} | {r['tokens']} | {step} | {step_ratio} | {peak} | {peak_ratio} | "
                      f"{r['process_peak_bytes'] / 2**20:.0f} | {r['loss']:.6f} |")
     first = next(r for r in results if "error" not in r)
+    lora = first.get("lora")
+    trained = (f"LoRA adapters (r {lora['r']}, α {lora['alpha']:g}, targets {lora['target_modules']}: "
+               f"{first['trainable_params']:,} parameters)" if lora else "all weights")
     lines += ["", f"{env['device']}; torch {env['torch']}; commit {env['commit']}; {env['date']}. Model "
-              f"{args.model}: weights {first['weights_bytes'] / 2**20:.0f} MiB, AdamW state "
+              f"{args.model}: weights {first['weights_bytes'] / 2**20:.0f} MiB, trained: {trained}, AdamW state "
               f"{first['optimizer_state_bytes'] / 2**20:.0f} MiB (fp32). One prompt of {args.prompt_tokens} tokens "
               f"and {args.responses} responses of {args.response_tokens}; EPA "
               f"loss, β = 0.1; median of {args.repeats} step(s) after {args.warmup} warm-up; memory = peak during a "
@@ -233,6 +301,7 @@ def parse_args(argv=None):
                         "default auto: the model's default, sdpa; the weights are fp32, so never flash-attn)")
     parser.add_argument("--what", choices=("both", "time", "memory"), default="both",
                         help="measure time, memory or both (CPU: both takes two processes per implementation)")
+    add_lora_arguments(parser)
     parser.add_argument("--out", help="directory for results.json and results.md")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=("time", "memory", "both"), default="both", help=argparse.SUPPRESS)
@@ -244,6 +313,7 @@ def parse_args(argv=None):
         parser.error("--warmup must be ≥ 0 (0: the AdamW state is created on zero gradients instead)")
     if args.responses < 2:
         parser.error("--responses must be ≥ 2 (a positive and a negative)")
+    check_lora_arguments(parser, args)
     return args
 
 

@@ -16,8 +16,15 @@ discarded steps (AdamW state exists from then on) it reports per measured step:
   run under benchmarks.harness.CPU_MEMORY_ENV; CUDA: `max_memory_allocated` after resetting it); `base_bytes`: what
   was resident at step begin (model, optimizer state, the reference model when TRL keeps one);
 - `loss` of the first measured step, `tokens` (the collated `input_ids` elements, padding included), `pairs`,
-  `weights_bytes` (policy parameters).
+  `weights_bytes` (policy parameters, adapters included).
 With `--precompute-ref`, TRL computes the reference log-probs in `DPOTrainer.__init__`, before any step.
+
+`--lora` (with `--lora-r`, `--lora-alpha`, `--lora-target-modules`, as in benchmarks.train_step, which builds the
+same `peft.LoraConfig`) passes `peft_config` to `DPOTrainer`, which wraps the model with `get_peft_model` itself and,
+under gradient checkpointing, enables input gradients itself. No reference model is passed: TRL's reference is then
+the policy with its adapters disabled, run under no_grad in every step (`--precompute-ref`: once, in `__init__`).
+The optimizer holds the adapters' state only; the result adds the LoRA settings, `trainable_params`,
+`trainable_bytes` and `optimizer_state_bytes` (all runs).
 The last stdout line is the JSON result.
 """
 from __future__ import annotations
@@ -34,13 +41,23 @@ import time
 import torch
 
 from benchmarks.harness import CPU_MEMORY_ENV, _proc_status, cpu_memory_exact
-from benchmarks.train_step import TEXT, prime_optimizer
+from benchmarks.train_step import (
+    TEXT,
+    add_lora_arguments,
+    check_adapters_only,
+    check_lora_arguments,
+    lora_config,
+    lora_settings,
+    prime_optimizer,
+    trainable_parameters,
+)
 
 SEED = 0
 
 
 def impl_name(args) -> str:
-    return "trl" + ("-gc" if args.gradient_checkpointing else "") + ("-precompute" if args.precompute_ref else "")
+    return ("trl" + ("-gc" if args.gradient_checkpointing else "") + ("-precompute" if args.precompute_ref else "")
+            + ("-lora" if args.lora else ""))
 
 
 def build_dataset(tokenizer, prompt_tokens: int, response_tokens: int, responses: int):
@@ -96,10 +113,10 @@ def run(args) -> dict:
     torch.manual_seed(SEED)
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model, device=device)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     # Without precomputation TRL rebuilds the reference from `config._name_or_path`, which a de-quantized GGUF
-    # (`smollm2`) lacks; an untouched copy of the policy is the same reference TRL would build.
-    ref_model = None if args.precompute_ref else copy.deepcopy(model)
+    # (`smollm2`) lacks; an untouched copy of the policy is the same reference TRL would build. With LoRA there is
+    # none: TRL disables the adapters to get the reference.
+    ref_model = None if args.precompute_ref or args.lora else copy.deepcopy(model)
     dataset = build_dataset(tokenizer, args.prompt_tokens, args.response_tokens, args.responses)
     pairs = args.responses - 1
 
@@ -111,13 +128,16 @@ def run(args) -> dict:
         """Time, base and peak memory of each optimizer step; the loss logged after the first measured one."""
 
         def __init__(self):
-            self.steps, self.loss = [], None
+            self.steps, self.loss, self.optimizer_state = [], None, None
 
         def on_train_begin(self, _args, state, control, optimizer=None, **kwargs):
             if args.warmup == 0:  # the Trainer has built its optimizer: give it its state before the measured step
-                prime_optimizer(optimizer, model.parameters())
+                prime_optimizer(optimizer, trainer.model.parameters())
 
-        def on_step_begin(self, _args, state, control, **kwargs):
+        def on_step_begin(self, _args, state, control, optimizer=None, **kwargs):
+            if len(self.steps) == args.warmup:  # the first measured step: the AdamW state exists by now
+                self.optimizer_state = sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                                           for t in s.values() if torch.is_tensor(t))
             sync()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -148,8 +168,13 @@ def run(args) -> dict:
             data_seed=SEED, gradient_checkpointing=args.gradient_checkpointing,
             precompute_ref_log_probs=args.precompute_ref, disable_tqdm=True)
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
-                             processing_class=tokenizer, callbacks=[meter])
-        del ref_model  # the trainer holds it (or, precomputing, there is none)
+                             processing_class=tokenizer, callbacks=[meter],
+                             peft_config=lora_config(args) if args.lora else None)
+        del ref_model  # the trainer holds it (or, precomputing or with LoRA, there is none)
+        if args.lora:
+            check_adapters_only(trainer.model)
+        trainable = trainable_parameters(trainer.model)
+        weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
         check_tokenization(trainer.train_dataset, args)
         # Record the shape of every batch the Trainer's dataloader collates: the tokens a step really runs.
         shapes, collate = [], trainer.data_collator
@@ -170,8 +195,10 @@ def run(args) -> dict:
     # process_peak_bytes: the whole process's peak during the measured steps, whatever --measure says (an upper
     # bound of live memory on CPU under the default allocator, which may keep freed pages resident).
     result = {"impl": impl_name(args), "pairs": pairs, "tokens": shapes[args.warmup][0] * shapes[args.warmup][1],
-              "loss": meter.loss, "weights_bytes": weights,
-              "process_peak_bytes": max(step["peak"] for step in measured)}
+              "loss": meter.loss, "weights_bytes": weights, "trainable_params": sum(p.numel() for p in trainable),
+              "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
+              "optimizer_state_bytes": meter.optimizer_state,
+              "process_peak_bytes": max(step["peak"] for step in measured), "lora": lora_settings(args)}
     if args.measure in ("time", "both"):
         times = [step["time"] for step in measured]
         result.update(step_s=statistics.median(times), times_s=times)
@@ -190,6 +217,7 @@ def parse_args(argv=None):
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--precompute-ref", action="store_true",
                         help="TRL's precompute_ref_log_probs: reference log-probs computed before training")
+    add_lora_arguments(parser)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--measure", choices=("time", "memory", "both"), default="both")
@@ -204,6 +232,7 @@ def parse_args(argv=None):
         parser.error("--responses must be ≥ 2 (a chosen and a rejected response)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
+    check_lora_arguments(parser, args)
     return args
 
 

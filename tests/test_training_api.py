@@ -58,3 +58,12 @@ def test_bad_options_raise_before_anything_loads(options, error, message):
 def test_required_options_are_named():
     with pytest.raises(TrainError, match="--model is required"):
         train(data="d.jsonl", output_dir="o")
+
+
+def test_train_stays_the_function_after_the_trainer_module_loads():
+    """The run lives in training/epa/trainer.py: a submodule named `train` would replace the package's function
+    as soon as anything imported it."""
+    import training.epa
+    import training.epa.trainer  # noqa: F401
+
+    assert callable(training.epa.train) and training.epa.train.__module__ == "training.epa.api"

@@ -218,7 +218,7 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the refusal")
 
-    from training.epa import train as train_module
+    from training.epa import trainer as train_module
 
     monkeypatch.setattr(train_module, "load_causal_lm", refuse)
 

@@ -134,7 +134,7 @@ def test_the_saved_model_generates_with_its_kv_cache(workdir, tmp_path):
 
 def test_dropout_is_off_by_default_and_kept_on_request(workdir, tmp_path, monkeypatch):
     """The policy PreferenceModel gets disable_dropout from the command line (default true)."""
-    from training.epa import train as train_module
+    from training.epa import trainer as train_module
 
     seen = []
     real = train_module.PreferenceModel.__init__

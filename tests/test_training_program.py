@@ -13,7 +13,7 @@ from training_fixtures import ANSWERS, QUESTIONS, SEED, cli, metrics, saved_weig
 
 from epa_kernels.transformers import BatchPlanner, PreferenceModel, PreferenceTokenizer, ReferenceCache
 from training.epa import plan as plan_module
-from training.epa import train as train_module
+from training.epa import trainer as train_module
 from training.epa.__main__ import main
 from training.epa.cli import parse_args
 

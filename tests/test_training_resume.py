@@ -138,7 +138,7 @@ def test_time_based_checkpoints_are_due_after_their_interval():
     import time
     from types import SimpleNamespace
 
-    from training.epa.train import checkpoint_due
+    from training.epa.trainer import checkpoint_due
 
     accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
     args = SimpleNamespace(save_steps=0, save_minutes=30.0)

@@ -1,7 +1,7 @@
 """`python -m training.epa`: align a transformers causal LM with the fused multi-negative EPA loss; from Python,
 `train(EPAConfig(...))` with the same options.
 
-cli.py (options), lora.py (LoRA adapters), api.py (the Python API), train.py (the run), checkpoint.py (atomic
+cli.py (options), lora.py (LoRA adapters), api.py (the Python API), trainer.py (the run), checkpoint.py (atomic
 checkpoints, resume), logs.py (metrics, curves).
 """
 from training.epa.api import EPAConfig, train

@@ -8,7 +8,7 @@ from training.models import ModelLoadError
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from training.epa.train import run
+    from training.epa.trainer import run
 
     try:
         run(args)

@@ -83,6 +83,6 @@ def train(config=None, **options) -> dict:
                                                                           else ""))
     config = dataclasses.replace(config or EPAConfig(), **options)
     args = parse_args(to_argv(config), raise_errors=True)
-    from training.epa.train import run
+    from training.epa.trainer import run
 
     return run(args)
