@@ -194,15 +194,15 @@ def _arguments(variant: Variant) -> tuple[dict, dict]:
     return types, constants
 
 
-def compile_variant(variant: Variant, capability: int):
-    """The compiled kernel of `variant` for sm_<capability> (sm_90 → sm_90a)."""
+def compile_kernel(jit, types: dict, constants: dict, capability: int, *, divisible=(), num_warps: int,
+                   num_stages: int | None = None):
+    """A Triton kernel compiled for sm_<capability> without a GPU, with the hints the JIT would give it: pointers
+    16-byte aligned (torch allocations) and the `divisible` integer arguments divisible by 16."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    jit = variant.jit()
-    types, constants = variant.arguments()
-    divisible = variant.divisible_ints()
+    jit = _jit_function(jit)
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(jit.arg_names):
         if name in constants or types.get(name) is None:
@@ -217,9 +217,15 @@ def compile_variant(variant: Variant, capability: int):
             if types[name].startswith("*") or name in divisible:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
-    cfg = variant.config
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages is not None else {})}
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def compile_variant(variant: Variant, capability: int):
+    """The compiled kernel of `variant` for sm_<capability> (sm_90 → sm_90a)."""
+    types, constants = variant.arguments()
+    return compile_kernel(variant.jit(), types, constants, capability, divisible=variant.divisible_ints(),
+                          num_warps=variant.config.num_warps, num_stages=variant.config.num_stages)
 
 
 def resource_usage(compiled) -> dict:

@@ -161,28 +161,12 @@ def test_triton_rows_refuse_a_strided_chunk():
 # Run without TRITON_INTERPRET (the test session sets it, and then triton.jit gives no compilable kernel).
 COMPILE_SCRIPT = """
 import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from benchmarks.kernel_report import resource_usage
+from benchmarks.kernel_report import compile_kernel, resource_usage
 from epa_kernels.ops import triton_rows as kernels
 
 
 def compile_for_gpu(kernel, types, constants, capability):
-    # As benchmarks/kernel_report.py does: pointers 16-byte aligned as torch allocates them, None args constexpr.
-    while not isinstance(kernel, triton.runtime.jit.JITFunction):
-        kernel = kernel.fn
-    signature, constexprs, attrs = {}, {}, {}
-    for index, name in enumerate(kernel.arg_names):
-        if name in constants or types.get(name) is None:
-            signature[name] = "constexpr"
-            constexprs[(index,)] = constants.get(name)
-        else:
-            signature[name] = types[name]
-            if types[name].startswith("*"):
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": kernels._NUM_WARPS})
+    return compile_kernel(kernel, types, constants, capability, num_warps=kernels._NUM_WARPS)
 
 
 usage = {}

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from epa_kernels.ops import triton_interpreting
+from epa_kernels.ops.triton_math import round_to_bf16, tanh
 
 _INTERPRET = triton_interpreting()
 
@@ -46,29 +47,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tanh(x):
-    # tl has no tanh in every supported Triton version; this form never overflows.
-    t = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -y, y)
-
-
-@triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     if UPCAST_DOT:
         # Triton's interpreter multiplies bf16 operands as raw uint16 bit patterns; fp32 operands
         # give what the tensor cores compute (exact bf16 products, fp32 accumulation).
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _round_to_bf16(x):
-    # Round-to-nearest-even to bf16, kept in fp32. The interpreter's fp32 -> bf16 cast truncates
-    # (twice the GPU's rounding error); the GPU's cvt.rn rounds like this.
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -97,7 +81,7 @@ def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_m, offs_v, mask_m, mask_
         acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
     z = acc * inv_temp
     if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap)
+        z = softcap * tanh(z / softcap)
     return z
 
 
@@ -223,7 +207,7 @@ def _backward_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, coe
         if HAS_FILTER:
             da_tile = tl.where(keep, dz, 0.0)
         if UPCAST_DOT:  # the interpreter's bf16 goes through an fp32 buffer holding bf16-rounded values
-            da_tile = _round_to_bf16(da_tile)
+            da_tile = round_to_bf16(da_tile)
         tl.store(da_ptr + offs_m[:, None].to(tl.int64) * V + offs_v[None, :], da_tile.to(da_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_v[None, :])
     if keep:
@@ -231,7 +215,7 @@ def _backward_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, coe
             tl.atomic_add(d_bias_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
         # Tensor-core operands in the input dtype, like torch's da = dz.to(hidden.dtype).
         if UPCAST_DOT:
-            da = _round_to_bf16(dz)
+            da = round_to_bf16(dz)
         else:
             da = dz.to(hidden_ptr.dtype.element_ty)
         offs_d0 = tl.arange(0, BLOCK_D)

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from epa_kernels.ops import triton_interpreting
 from epa_kernels.ops.torch_rows import RowState
+from epa_kernels.ops.triton_math import round_to_bf16, tanh
 
 _INTERPRET = triton_interpreting()
 # GPU: 4096 fp32 values over 8 warps is 16 per thread, a few vector loads in flight per thread. The interpreter
@@ -29,29 +30,11 @@ _INTERPRET = triton_interpreting()
 _BLOCK_C, _NUM_WARPS = (32, 1) if _INTERPRET else (4096, 8)
 
 
-# The next two are also in triton_logprobs: repeated so that this path does not depend on the tile kernels, which
-# stay only where a measurement shows them faster (DESIGN §4).
-@triton.jit
-def _tanh(x):
-    # tl has no tanh in every supported Triton version; this form never overflows.
-    t = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -y, y)
-
-
-@triton.jit
-def _round_to_bf16(x):
-    # Round-to-nearest-even to bf16, kept in fp32 (the interpreter's fp32 -> bf16 cast truncates).
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
 @triton.jit
 def _transform(a, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
     z = a.to(tl.float32) * inv_temp
     if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap)
+        z = softcap * tanh(z / softcap)
     return z
 
 
@@ -120,7 +103,7 @@ def _backward_rows_kernel(logits_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_p
             dz *= 1.0 - (z / softcap) * (z / softcap)
         dz *= inv_temp
         if ROUND_BF16:
-            dz = _round_to_bf16(dz)
+            dz = round_to_bf16(dz)
         tl.store(row_ptr + offs, dz.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
