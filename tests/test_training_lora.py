@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import peft  # the test and train extras install it
 import pytest
 import torch
 from tiny_models import tiny_causal_lm
@@ -16,7 +17,6 @@ from epa_kernels.transformers import PreferenceModel, adapters_disabled, head_pa
 from training import models as models_module
 from training.epa.__main__ import main
 
-peft = pytest.importorskip("peft", reason="LoRA needs peft (the train and test extras install it)")
 ROOT = Path(__file__).resolve().parents[1]
 LORA = ("--use-peft", "--lora-r", "4", "--lora-alpha", "8")
 
